@@ -1,0 +1,360 @@
+//! The desired state: Services and EndpointSlices validated into plain values, and the frontends they
+//! yield (ClusterIP:port/protocol → set of ready backends), the same whatever source they came from.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Services carrying this label belong to another proxy (kube-proxy skips them too).
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Headless services have no ClusterIP to balance.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NsName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for NsName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => weir_common::PROTO_TCP,
+            Protocol::Udp => weir_common::PROTO_UDP,
+        }
+    }
+
+    fn parse(value: Option<&str>, field: &str) -> Result<Self, FieldError> {
+        match value.unwrap_or("TCP") {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Err(FieldError::new(field, "SCTP is not supported by this datapath yet")),
+            other => Err(FieldError::new(field, format!("unknown protocol {other:?}"))),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// An address clients dial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+    }
+}
+
+/// An endpoint address traffic is translated to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendAddr {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+    }
+}
+
+/// What one frontend should do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendState {
+    pub service: NsName,
+    pub port_name: String,
+    /// Ready backends; empty means the frontend rejects.
+    pub backends: BTreeSet<BackendAddr>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub frontends: BTreeMap<Frontend, FrontendState>,
+}
+
+/// Which field of an object is wrong and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A Service reduced to what the datapath needs; `None` from [`ServiceSpec::from_k8s`] means "valid, but
+/// not ours to program" (ExternalName, headless, another proxy's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub id: NsName,
+    pub cluster_ips: Vec<Ipv4Addr>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub ready: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceSpec {
+    pub id: NsName,
+    pub service: NsName,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Kind/namespace/name of an object, for error messages, even when the rest of it is invalid.
+pub fn object_id(namespace: Option<&String>, name: Option<&String>) -> NsName {
+    NsName {
+        namespace: namespace.cloned().unwrap_or_else(|| "default".to_owned()),
+        name: name.cloned().unwrap_or_default(),
+    }
+}
+
+fn port_number(value: i32, field: &str) -> Result<u16, FieldError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| FieldError::new(field, format!("port {value} is outside 1-65535")))
+}
+
+impl ServiceSpec {
+    pub fn from_k8s(svc: &Service) -> Result<Option<Self>, FieldError> {
+        let id = object_id(svc.metadata.namespace.as_ref(), svc.metadata.name.as_ref());
+        if id.name.is_empty() {
+            return Err(FieldError::new("metadata.name", "missing"));
+        }
+        let labels = svc.metadata.labels.as_ref();
+        if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)) {
+            return Ok(None);
+        }
+        let Some(spec) = svc.spec.as_ref() else {
+            return Err(FieldError::new("spec", "missing"));
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return Ok(None);
+        }
+        let mut ips: Vec<(String, &str)> = Vec::new();
+        match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(list), _) if !list.is_empty() => {
+                for (i, ip) in list.iter().enumerate() {
+                    ips.push((format!("spec.clusterIPs[{i}]"), ip));
+                }
+            }
+            (_, Some(ip)) => ips.push(("spec.clusterIP".to_owned(), ip)),
+            _ => {}
+        }
+        if ips.iter().any(|(_, ip)| *ip == "None") {
+            return Ok(None);
+        }
+        if ips.is_empty() || ips.iter().all(|(_, ip)| ip.is_empty()) {
+            return Err(FieldError::new("spec.clusterIP", "no ClusterIP allocated"));
+        }
+        let mut cluster_ips = Vec::new();
+        for (field, ip) in ips {
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => cluster_ips.push(v4),
+                // The IPv6 datapath is not built yet; an IPv6 family is valid input, just not served.
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => return Err(FieldError::new(field, format!("invalid IP address {ip:?}"))),
+            }
+        }
+        let mut ports = Vec::new();
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            let port = ServicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port: port_number(p.port, &format!("{field}.port"))?,
+                protocol: Protocol::parse(p.protocol.as_deref(), &format!("{field}.protocol"))?,
+            };
+            if ports
+                .iter()
+                .any(|q: &ServicePort| q.port == port.port && q.protocol == port.protocol)
+            {
+                return Err(FieldError::new(
+                    format!("{field}.port"),
+                    format!("duplicate port {}/{}", port.port, port.protocol),
+                ));
+            }
+            if ports.iter().any(|q: &ServicePort| q.name == port.name) {
+                return Err(FieldError::new(
+                    format!("{field}.name"),
+                    format!("duplicate port name {:?}", port.name),
+                ));
+            }
+            ports.push(port);
+        }
+        Ok(Some(ServiceSpec {
+            id,
+            cluster_ips,
+            ports,
+        }))
+    }
+}
+
+impl SliceSpec {
+    /// `None` means valid but not for this datapath (an IPv6 or FQDN slice).
+    pub fn from_k8s(slice: &EndpointSlice) -> Result<Option<Self>, FieldError> {
+        let id = object_id(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
+        if id.name.is_empty() {
+            return Err(FieldError::new("metadata.name", "missing"));
+        }
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        else {
+            // Slices without the label are managed by someone else and belong to no Service.
+            return Ok(None);
+        };
+        match slice.address_type.as_str() {
+            "IPv4" => {}
+            "IPv6" | "FQDN" => return Ok(None),
+            other => {
+                return Err(FieldError::new("addressType", format!("unknown address type {other:?}")));
+            }
+        }
+        let mut ports = Vec::new();
+        for (i, p) in slice.ports.iter().flatten().enumerate() {
+            let field = format!("ports[{i}]");
+            let Some(port) = p.port else {
+                return Err(FieldError::new(format!("{field}.port"), "missing"));
+            };
+            ports.push(SlicePort {
+                name: p.name.clone().unwrap_or_default(),
+                port: port_number(port, &format!("{field}.port"))?,
+                protocol: Protocol::parse(p.protocol.as_deref(), &format!("{field}.protocol"))?,
+            });
+        }
+        let mut endpoints = Vec::new();
+        for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
+            // The API defines a nil `ready` as ready.
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            for (j, addr) in ep.addresses.iter().enumerate() {
+                let ip = addr.parse::<Ipv4Addr>().map_err(|_| {
+                    FieldError::new(
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("invalid IPv4 address {addr:?}"),
+                    )
+                })?;
+                endpoints.push(Endpoint { ip, ready });
+            }
+        }
+        Ok(Some(SliceSpec {
+            service: NsName {
+                namespace: id.namespace.clone(),
+                name: service.clone(),
+            },
+            id,
+            ports,
+            endpoints,
+        }))
+    }
+}
+
+/// Joins services with their slices into frontends. Pure: the reconciler diffs its result.
+pub fn desired<'a>(
+    services: impl IntoIterator<Item = &'a ServiceSpec>,
+    slices: impl IntoIterator<Item = &'a SliceSpec>,
+) -> Desired {
+    let mut by_service: BTreeMap<&NsName, Vec<&SliceSpec>> = BTreeMap::new();
+    for slice in slices {
+        by_service.entry(&slice.service).or_default().push(slice);
+    }
+    let mut frontends = BTreeMap::new();
+    for svc in services {
+        let slices = by_service.get(&svc.id).map(Vec::as_slice).unwrap_or_default();
+        for port in &svc.ports {
+            let mut backends = BTreeSet::new();
+            for slice in slices {
+                // A slice port matches the service port by name (both unnamed for single-port services).
+                let Some(sp) = slice
+                    .ports
+                    .iter()
+                    .find(|sp| sp.name == port.name && sp.protocol == port.protocol)
+                else {
+                    continue;
+                };
+                for ep in slice.endpoints.iter().filter(|ep| ep.ready) {
+                    backends.insert(BackendAddr {
+                        ip: ep.ip,
+                        port: sp.port,
+                        protocol: port.protocol,
+                    });
+                }
+            }
+            for ip in &svc.cluster_ips {
+                frontends.insert(
+                    Frontend {
+                        ip: *ip,
+                        port: port.port,
+                        protocol: port.protocol,
+                    },
+                    FrontendState {
+                        service: svc.id.clone(),
+                        port_name: port.name.clone(),
+                        backends: backends.clone(),
+                    },
+                );
+            }
+        }
+    }
+    Desired { frontends }
+}
+
+#[cfg(test)]
+mod tests;

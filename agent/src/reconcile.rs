@@ -1,0 +1,368 @@
+//! Level-triggered reconciliation: the whole desired state is diffed against what is programmed, and only
+//! the difference is written. A frontend's Maglev table is swapped atomically: the new table is written
+//! under a fresh table id, then the frontend entry is switched to it in one map update, then the old table
+//! is deleted, so no packet ever sees a half-written table.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use tracing::{error, warn};
+use weir_common::{Backend, SVC_FLAG_REJECT, ServiceKey, ServiceValue};
+
+use crate::{
+    maglev,
+    model::{BackendAddr, Desired, Frontend},
+};
+
+/// A failed map operation, with which map and what for.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} in {map}: {message}")]
+pub struct MapError {
+    pub map: &'static str,
+    pub op: &'static str,
+    pub message: String,
+}
+
+/// The kernel seam: the real implementation writes eBPF maps, tests use an in-memory one.
+pub trait MapWriter {
+    fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError>;
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn put_slot(&mut self, table_id: u32, slot: u32, backend_id: u32) -> Result<(), MapError>;
+    fn delete_slot(&mut self, table_id: u32, slot: u32) -> Result<(), MapError>;
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError>;
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
+}
+
+/// What was already in the pinned maps when the agent started.
+#[derive(Debug, Default)]
+pub struct Adopted {
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub backends: Vec<(u32, Backend)>,
+    /// Every (table id, slot) key present in the Maglev map.
+    pub slots: Vec<(u32, u32)>,
+}
+
+#[derive(Clone, Debug)]
+struct Programmed {
+    value: ServiceValue,
+    /// `None` for a frontend adopted from pinned maps: its backend set is unknown, so it is rewritten.
+    backends: Option<BTreeSet<BackendAddr>>,
+}
+
+/// Counts of one sync, for logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub frontends_written: usize,
+    pub frontends_deleted: usize,
+    pub errors: usize,
+}
+
+pub struct Reconciler<W> {
+    writer: W,
+    frontends: HashMap<ServiceKey, Programmed>,
+    backend_ids: BTreeMap<BackendAddr, u32>,
+    free_backend_ids: Vec<u32>,
+    next_backend_id: u32,
+    next_table_id: u32,
+    /// Tables found in the pinned maps that no frontend uses: deleted after the first sync.
+    orphan_slots: Vec<(u32, u32)>,
+}
+
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr_be: u32::from(f.ip).to_be(),
+        port_be: f.port.to_be(),
+        proto: f.protocol.number(),
+        pad: 0,
+    }
+}
+
+fn backend_value(b: &BackendAddr) -> Backend {
+    Backend {
+        addr_be: u32::from(b.ip).to_be(),
+        port_be: b.port.to_be(),
+        proto: b.protocol.number(),
+        pad: 0,
+    }
+}
+
+impl<W: MapWriter> Reconciler<W> {
+    pub fn new(writer: W) -> Self {
+        Self::adopt(writer, Adopted::default())
+    }
+
+    /// Starts from the state left in pinned maps: frontends keep serving from their old tables until the
+    /// first sync replaces them, backend ids are kept (conntrack entries refer to them), and tables no
+    /// frontend references are removed after that sync.
+    pub fn adopt(writer: W, adopted: Adopted) -> Self {
+        let mut frontends = HashMap::new();
+        let mut max_table = 0;
+        let mut live_tables = BTreeSet::new();
+        for (key, value) in adopted.services {
+            max_table = max_table.max(value.table_id);
+            live_tables.insert(value.table_id);
+            frontends.insert(
+                key,
+                Programmed {
+                    value,
+                    backends: None,
+                },
+            );
+        }
+        let mut backend_ids = BTreeMap::new();
+        let mut max_backend = 0;
+        let mut stale_backend_ids = Vec::new();
+        for (id, b) in adopted.backends {
+            max_backend = max_backend.max(id);
+            let protocol = match b.proto {
+                weir_common::PROTO_TCP => crate::model::Protocol::Tcp,
+                weir_common::PROTO_UDP => crate::model::Protocol::Udp,
+                _ => {
+                    stale_backend_ids.push(id);
+                    continue;
+                }
+            };
+            let addr = BackendAddr {
+                ip: u32::from_be(b.addr_be).into(),
+                port: u16::from_be(b.port_be),
+                protocol,
+            };
+            if backend_ids.insert(addr, id).is_some() {
+                stale_backend_ids.push(id);
+            }
+        }
+        let orphan_slots = adopted
+            .slots
+            .into_iter()
+            .inspect(|(t, _)| max_table = max_table.max(*t))
+            .collect();
+        let mut r = Self {
+            writer,
+            frontends,
+            backend_ids,
+            free_backend_ids: Vec::new(),
+            next_backend_id: max_backend.saturating_add(1).max(1),
+            next_table_id: max_table.wrapping_add(1).max(1),
+            orphan_slots,
+        };
+        for id in stale_backend_ids {
+            if r.writer.delete_backend(id).is_err() {
+                warn!(id, "could not delete a malformed adopted backend entry");
+            }
+        }
+        r
+    }
+
+    pub fn writer(&self) -> &W {
+        &self.writer
+    }
+
+    pub fn programmed_frontends(&self) -> usize {
+        self.frontends.len()
+    }
+
+    pub fn programmed_backends(&self) -> usize {
+        self.backend_ids.len()
+    }
+
+    /// Brings the maps to `desired`. Failures are logged and counted; a frontend whose update failed
+    /// keeps its previous programming, and the next sync retries it.
+    pub fn sync(&mut self, desired: &Desired) -> SyncReport {
+        let mut report = SyncReport::default();
+
+        let wanted: BTreeSet<BackendAddr> = desired
+            .frontends
+            .values()
+            .flat_map(|f| f.backends.iter().copied())
+            .collect();
+        for b in &wanted {
+            if self.backend_ids.contains_key(b) {
+                continue;
+            }
+            let id = self.alloc_backend_id();
+            match self.writer.put_backend(id, backend_value(b)) {
+                Ok(()) => {
+                    self.backend_ids.insert(*b, id);
+                }
+                Err(e) => {
+                    error!(backend = %b, "cannot program backend: {e}");
+                    self.free_backend_ids.push(id);
+                    report.errors += 1;
+                }
+            }
+        }
+
+        for (frontend, state) in &desired.frontends {
+            let key = service_key(frontend);
+            if self
+                .frontends
+                .get(&key)
+                .is_some_and(|p| p.backends.as_ref() == Some(&state.backends))
+            {
+                continue;
+            }
+            match self.write_frontend(key, &state.backends) {
+                Ok(()) => report.frontends_written += 1,
+                Err(e) => {
+                    error!(frontend = %frontend, service = %state.service, "cannot program frontend: {e}");
+                    report.errors += 1;
+                }
+            }
+        }
+
+        let wanted_keys: BTreeSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
+        let stale: Vec<ServiceKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !wanted_keys.contains(k))
+            .copied()
+            .collect();
+        for key in stale {
+            match self.writer.delete_service(key) {
+                Ok(()) => {
+                    if let Some(old) = self.frontends.remove(&key) {
+                        self.delete_table(old.value);
+                    }
+                    report.frontends_deleted += 1;
+                }
+                Err(e) => {
+                    error!(?key, "cannot delete frontend: {e}");
+                    report.errors += 1;
+                }
+            }
+        }
+
+        // Backends go last: only once no table can point at them any more.
+        let referenced: BTreeSet<BackendAddr> = self
+            .frontends
+            .values()
+            .filter_map(|p| p.backends.as_ref())
+            .flatten()
+            .copied()
+            .collect();
+        let unused: Vec<(BackendAddr, u32)> = self
+            .backend_ids
+            .iter()
+            .filter(|(b, _)| !referenced.contains(b) && !wanted.contains(b))
+            .map(|(b, id)| (*b, *id))
+            .collect();
+        // Adopted frontends not yet rewritten may still point at any adopted backend.
+        let adopted_pending = self.frontends.values().any(|p| p.backends.is_none());
+        if !adopted_pending {
+            for (b, id) in unused {
+                match self.writer.delete_backend(id) {
+                    Ok(()) => {
+                        self.backend_ids.remove(&b);
+                        self.free_backend_ids.push(id);
+                    }
+                    Err(e) => {
+                        error!(backend = %b, "cannot delete backend: {e}");
+                        report.errors += 1;
+                    }
+                }
+            }
+        }
+
+        self.prune_orphan_slots();
+        report
+    }
+
+    fn alloc_backend_id(&mut self) -> u32 {
+        self.free_backend_ids.pop().unwrap_or_else(|| {
+            let id = self.next_backend_id;
+            self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
+            id
+        })
+    }
+
+    fn alloc_table_id(&mut self) -> u32 {
+        let in_use: BTreeSet<u32> = self.frontends.values().map(|p| p.value.table_id).collect();
+        while in_use.contains(&self.next_table_id) || self.next_table_id == 0 {
+            self.next_table_id = self.next_table_id.wrapping_add(1);
+        }
+        let id = self.next_table_id;
+        self.next_table_id = self.next_table_id.wrapping_add(1);
+        id
+    }
+
+    fn write_frontend(&mut self, key: ServiceKey, backends: &BTreeSet<BackendAddr>) -> Result<(), MapError> {
+        let value = if backends.is_empty() {
+            ServiceValue {
+                table_id: 0,
+                table_size: 0,
+                backend_count: 0,
+                flags: SVC_FLAG_REJECT,
+            }
+        } else {
+            let members: Vec<(Vec<u8>, u32)> = backends
+                .iter()
+                .filter_map(|b| self.backend_ids.get(b).map(|id| (b.to_string().into_bytes(), *id)))
+                .collect();
+            if members.len() != backends.len() {
+                return Err(MapError {
+                    map: weir_common::MAP_BACKENDS,
+                    op: "lookup",
+                    message: "a backend of this frontend could not be programmed".to_owned(),
+                });
+            }
+            let size = maglev::table_size(members.len());
+            let table = maglev::build(&members, size);
+            let table_id = self.alloc_table_id();
+            for (slot, backend_id) in table.iter().enumerate() {
+                if let Err(e) = self.writer.put_slot(table_id, slot as u32, *backend_id) {
+                    // Leave no partial table behind; the frontend keeps its old one.
+                    for s in 0..slot as u32 {
+                        let _ = self.writer.delete_slot(table_id, s);
+                    }
+                    return Err(e);
+                }
+            }
+            ServiceValue {
+                table_id,
+                table_size: size,
+                backend_count: members.len() as u32,
+                flags: 0,
+            }
+        };
+        if let Err(e) = self.writer.put_service(key, value) {
+            self.delete_table(value);
+            return Err(e);
+        }
+        let old = self.frontends.insert(
+            key,
+            Programmed {
+                value,
+                backends: Some(backends.clone()),
+            },
+        );
+        if let Some(old) = old {
+            self.delete_table(old.value);
+        }
+        Ok(())
+    }
+
+    fn delete_table(&mut self, value: ServiceValue) {
+        for slot in 0..value.table_size {
+            if let Err(e) = self.writer.delete_slot(value.table_id, slot) {
+                warn!(table = value.table_id, slot, "cannot delete Maglev slot: {e}");
+            }
+        }
+    }
+
+    fn prune_orphan_slots(&mut self) {
+        if self.orphan_slots.is_empty() {
+            return;
+        }
+        let live: BTreeSet<u32> = self.frontends.values().map(|p| p.value.table_id).collect();
+        let orphans = std::mem::take(&mut self.orphan_slots);
+        for (table, slot) in orphans {
+            if live.contains(&table) {
+                continue;
+            }
+            if let Err(e) = self.writer.delete_slot(table, slot) {
+                warn!(table, slot, "cannot delete orphaned Maglev slot: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,324 @@
+//! Standalone source: a directory of Kubernetes YAML (multi-document `*.yaml`/`*.yml` files) turned into
+//! validated specs, re-read within a second of any change. A broken file or object is reported with file,
+//! object and field, and the last good version of what it held stays in force.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use notify::{RecursiveMode, Watcher};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::model::{FieldError, NsName, ServiceSpec, SliceSpec, object_id};
+
+/// Re-read at least this often even without a file-system event, in case a notification is lost.
+const RESCAN_PERIOD: Duration = Duration::from_secs(2);
+/// Coalesces the burst of events an editor or `cp` produces into one reload.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Everything currently configured, keyed by namespace/name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: BTreeMap<NsName, ServiceSpec>,
+    pub slices: BTreeMap<NsName, SliceSpec>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: document {doc}: invalid YAML: {source}")]
+    Syntax {
+        file: PathBuf,
+        doc: usize,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{file}: document {doc}: {kind} {object}: {field}: {message}")]
+    Object {
+        file: PathBuf,
+        doc: usize,
+        kind: &'static str,
+        object: NsName,
+        field: String,
+        message: String,
+    },
+    #[error("{file}: document {doc}: {message}")]
+    Document {
+        file: PathBuf,
+        doc: usize,
+        message: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum ObjectKey {
+    Service(NsName),
+    Slice(NsName),
+}
+
+/// A valid object; `None` inside means valid but not ours to program (headless, another proxy's, …).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Object {
+    Service(Option<ServiceSpec>),
+    Slice(Option<SliceSpec>),
+}
+
+type FileObjects = BTreeMap<ObjectKey, Object>;
+
+/// The directory and the last good objects of each file in it.
+pub struct ConfigDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileObjects>,
+}
+
+impl ConfigDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Re-reads every file. Returns the merged snapshot and the errors found on this pass.
+    pub fn reload(&mut self) -> Result<(Snapshot, Vec<ConfigError>), std::io::Error> {
+        let mut errors = Vec::new();
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_config_file(p))
+            .collect();
+        paths.sort();
+        let mut files = BTreeMap::new();
+        for path in paths {
+            let previous = self.files.get(&path);
+            let objects = load_file(&path, previous, &mut errors);
+            files.insert(path, objects);
+        }
+        // Files that disappeared take their objects with them.
+        self.files = files;
+
+        let mut snapshot = Snapshot::default();
+        for (path, objects) in &self.files {
+            for (key, object) in objects {
+                let duplicate = match (key, object) {
+                    (ObjectKey::Service(id), Object::Service(spec)) => {
+                        let dup = snapshot.services.contains_key(id);
+                        if let Some(spec) = spec {
+                            snapshot.services.insert(id.clone(), spec.clone());
+                        }
+                        dup
+                    }
+                    (ObjectKey::Slice(id), Object::Slice(spec)) => {
+                        let dup = snapshot.slices.contains_key(id);
+                        if let Some(spec) = spec {
+                            snapshot.slices.insert(id.clone(), spec.clone());
+                        }
+                        dup
+                    }
+                    _ => false,
+                };
+                if duplicate {
+                    warn!(file = %path.display(), object = ?key, "object defined in more than one file; the file sorting last wins");
+                }
+            }
+        }
+        Ok((snapshot, errors))
+    }
+}
+
+fn is_config_file(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    // Dotfiles are editors' and writers' temporaries (write-then-rename).
+    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml")) && path.is_file()
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(default)]
+    metadata: Option<MetaNames>,
+}
+
+#[derive(Deserialize)]
+struct MetaNames {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+fn load_file(path: &Path, previous: Option<&FileObjects>, errors: &mut Vec<ConfigError>) -> FileObjects {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(source) => {
+            errors.push(ConfigError::Read {
+                file: path.to_owned(),
+                source,
+            });
+            return previous.cloned().unwrap_or_default();
+        }
+    };
+    // Parse every document first: a syntax error anywhere means we cannot trust this file's content,
+    // so the last good version of the whole file stays in force.
+    let mut docs = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        match serde_yaml::Value::deserialize(doc) {
+            Ok(v) => docs.push(v),
+            Err(source) => {
+                errors.push(ConfigError::Syntax {
+                    file: path.to_owned(),
+                    doc: i,
+                    source,
+                });
+                return previous.cloned().unwrap_or_default();
+            }
+        }
+    }
+
+    let mut objects = FileObjects::new();
+    for (i, value) in docs.into_iter().enumerate() {
+        if value.is_null() {
+            continue;
+        }
+        let meta: TypeMeta = match serde_yaml::from_value(value.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                errors.push(ConfigError::Document {
+                    file: path.to_owned(),
+                    doc: i,
+                    message: format!("not a Kubernetes object: {e}"),
+                });
+                continue;
+            }
+        };
+        let names = meta.metadata.as_ref();
+        let id = object_id(
+            names.and_then(|m| m.namespace.as_ref()),
+            names.and_then(|m| m.name.as_ref()),
+        );
+        let (key, parsed) = match (meta.api_version.as_deref(), meta.kind.as_deref()) {
+            (Some("v1"), Some("Service")) => (
+                ObjectKey::Service(id.clone()),
+                decode::<Service>(value).and_then(|s| ServiceSpec::from_k8s(&s).map(Object::Service)),
+            ),
+            (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => (
+                ObjectKey::Slice(id.clone()),
+                decode::<EndpointSlice>(value).and_then(|s| SliceSpec::from_k8s(&s).map(Object::Slice)),
+            ),
+            (api, kind) => {
+                debug!(file = %path.display(), doc = i, ?api, ?kind, "ignoring object of a kind this agent does not use");
+                continue;
+            }
+        };
+        let kind = match key {
+            ObjectKey::Service(_) => "Service",
+            ObjectKey::Slice(_) => "EndpointSlice",
+        };
+        match parsed {
+            Ok(object) => {
+                objects.insert(key, object);
+            }
+            Err(FieldError { field, message }) => {
+                errors.push(ConfigError::Object {
+                    file: path.to_owned(),
+                    doc: i,
+                    kind,
+                    object: id,
+                    field,
+                    message,
+                });
+                // Keep what this object was before it broke, if it was here before.
+                if let Some(old) = previous.and_then(|p| p.get(&key)) {
+                    objects.insert(key, old.clone());
+                }
+            }
+        }
+    }
+    objects
+}
+
+fn decode<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| FieldError {
+        field: match e.path().to_string() {
+            p if p == "." => "(object)".to_owned(),
+            p => p,
+        },
+        message: e.into_inner().to_string(),
+    })
+}
+
+/// Watches `dir` and publishes a new snapshot whenever its content changes. Runs until the receiver is
+/// dropped. The first snapshot is published before this returns an error-free start.
+pub async fn watch_dir(
+    dir: PathBuf,
+    tx: watch::Sender<Option<Snapshot>>,
+    config_errors: impl Fn(usize) + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let (ev_tx, mut ev_rx) = mpsc::channel::<()>(16);
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        // Reads of the files (including our own) raise access events; only changes matter.
+        if res.is_ok_and(|ev| !matches!(ev.kind, notify::EventKind::Access(_))) {
+            // A full channel already holds a pending reload; dropping this event loses nothing.
+            let _ = ev_tx.try_send(());
+        }
+    })
+    .context("creating the config-dir watcher")?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+
+    let mut config = ConfigDir::new(&dir);
+    let mut last: Option<Snapshot> = None;
+    let mut last_errors: Vec<String> = Vec::new();
+    loop {
+        match config.reload() {
+            Ok((snapshot, errors)) => {
+                // Report each problem once, not on every rescan.
+                let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                if messages != last_errors {
+                    for m in messages.iter().filter(|m| !last_errors.contains(m)) {
+                        error!("config: {m}; skipped");
+                    }
+                    config_errors(messages.iter().filter(|m| !last_errors.contains(m)).count());
+                    last_errors = messages;
+                }
+                if last.as_ref() != Some(&snapshot) {
+                    info!(
+                        services = snapshot.services.len(),
+                        endpoint_slices = snapshot.slices.len(),
+                        "config dir changed"
+                    );
+                    last = Some(snapshot.clone());
+                    if tx.send(Some(snapshot)).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Err(e) => error!(dir = %dir.display(), "cannot list config dir: {e}"),
+        }
+        tokio::select! {
+            ev = ev_rx.recv() => {
+                if ev.is_none() {
+                    return Ok(());
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                while ev_rx.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(RESCAN_PERIOD) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

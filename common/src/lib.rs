@@ -1,0 +1,146 @@
+//! The kernel ABI of Weir: names, keys and values of every eBPF map, shared by the eBPF programs and the agent.
+//!
+//! Rules: `#[repr(C)]`, explicit padding, no `bool`/`Option`/enum fields, network-order fields end in `_be`,
+//! and a size assertion per type so a layout change fails to compile on both sides at once.
+#![no_std]
+
+/// Frontends (ClusterIP:port/proto) → which Maglev table serves them.
+pub const MAP_SERVICES: &str = "WEIR_SERVICES";
+/// (table id, slot) → backend id. One table per service port, swapped by writing a new table id.
+pub const MAP_MAGLEV: &str = "WEIR_MAGLEV";
+/// Backend id → backend address.
+pub const MAP_BACKENDS: &str = "WEIR_BACKENDS";
+/// Connection tracking (LRU): a forward entry per client flow and a reverse entry per backend reply flow.
+pub const MAP_CONNTRACK: &str = "WEIR_CT";
+/// Per-CPU datapath counters indexed by the `STAT_*` constants.
+pub const MAP_STATS: &str = "WEIR_STATS";
+
+/// Name of the TC program attached to the node side of pod interfaces.
+pub const PROG_POD_INGRESS: &str = "weir_pod_ingress";
+
+pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
+pub const DEFAULT_BACKENDS_MAX: u32 = 65_536;
+pub const DEFAULT_MAGLEV_MAX: u32 = 1 << 22;
+pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `ServiceValue::flags`: the service has no ready endpoint; the datapath rejects (TCP RST / ICMP
+/// port unreachable) like kube-proxy's REJECT rule.
+pub const SVC_FLAG_REJECT: u32 = 1;
+
+/// `CtValue::kind`: the entry rewrites the destination (client → frontend becomes client → backend).
+pub const CT_FORWARD: u8 = 1;
+/// `CtValue::kind`: the entry rewrites the source (backend → client becomes frontend → client).
+pub const CT_REVERSE: u8 = 2;
+
+/// Datapath counters (index into `MAP_STATS`).
+pub const STAT_FWD_NEW: u32 = 0;
+pub const STAT_FWD_ESTABLISHED: u32 = 1;
+pub const STAT_REVERSE_NAT: u32 = 2;
+pub const STAT_REJECT_TCP: u32 = 3;
+pub const STAT_REJECT_UDP: u32 = 4;
+pub const STAT_DROP_NO_BACKEND: u32 = 5;
+pub const STAT_DROP_REJECT_FAILED: u32 = 6;
+pub const STAT_DROP_REWRITE_FAILED: u32 = 7;
+pub const STAT_PASS_NOT_SERVICE: u32 = 8;
+pub const STAT_PASS_UNPARSED: u32 = 9;
+pub const STAT_COUNT: u32 = 10;
+
+/// Human names of the counters, in index order (metrics labels, CLI).
+pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
+    "forward_new",
+    "forward_established",
+    "reverse_nat",
+    "reject_tcp",
+    "reject_udp",
+    "drop_no_backend",
+    "drop_reject_failed",
+    "drop_rewrite_failed",
+    "pass_not_service",
+    "pass_unparsed",
+];
+
+/// A frontend: the address a client connects to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Key prefix of this frontend's Maglev table in `MAP_MAGLEV`.
+    pub table_id: u32,
+    /// Number of slots (a prime); 0 when the service has no backend.
+    pub table_size: u32,
+    pub backend_count: u32,
+    /// `SVC_FLAG_*`.
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaglevKey {
+    pub table_id: u32,
+    pub slot: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// A flow as seen on the wire, before translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    /// Address and port written into the packet: the backend for `CT_FORWARD`, the frontend for `CT_REVERSE`.
+    pub nat_addr_be: u32,
+    pub nat_port_be: u16,
+    /// `CT_FORWARD` or `CT_REVERSE`.
+    pub kind: u8,
+    pub pad: u8,
+    /// Backend chosen for the flow; a forward hit re-selects when this id no longer names `nat_addr`.
+    pub backend_id: u32,
+    pub pad2: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: every type is repr(C), made only of integers, with all padding spelled out as fields.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+}

@@ -1,0 +1,21 @@
+//! The flow hash that picks a Maglev slot: every packet of a 5-tuple hashes the same, and tuples that differ
+//! only in the source port spread evenly (murmur3's 64-bit finaliser).
+use crate::packet::Flow;
+
+#[inline(always)]
+fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h
+}
+
+#[inline(always)]
+pub fn hash(flow: &Flow) -> u32 {
+    let addrs = ((flow.saddr_be as u64) << 32) | flow.daddr_be as u64;
+    let ports = ((flow.sport_be as u64) << 24) | ((flow.dport_be as u64) << 8) | flow.proto as u64;
+    let h = fmix64(fmix64(addrs) ^ ports);
+    (h ^ (h >> 32)) as u32
+}

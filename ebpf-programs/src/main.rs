@@ -1,0 +1,169 @@
+//! Weir's datapath: TC programs that DNAT Service traffic to Maglev-selected backends, track connections
+//! and reverse-NAT replies. Maps and their key/value types come from `weir-common`.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod flow;
+mod maps;
+mod nat;
+mod packet;
+mod reject;
+mod stats;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use weir_common::{
+    CT_FORWARD, CT_REVERSE, CtKey, CtValue, MaglevKey, SVC_FLAG_REJECT, STAT_DROP_NO_BACKEND,
+    STAT_DROP_REWRITE_FAILED, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE,
+    STAT_PASS_UNPARSED, STAT_REVERSE_NAT, ServiceKey,
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK, MAGLEV, SERVICES},
+    stats::count,
+};
+
+/// Ingress of the node side of a pod interface: every packet a pod sends passes here first, so both a
+/// client's request (to a frontend) and a backend's reply (to translate back) are seen before routing.
+#[classifier]
+pub fn weir_pod_ingress(ctx: TcContext) -> i32 {
+    match try_pod_ingress(&ctx) {
+        Ok(action) => action,
+        // Fail open on what we cannot parse: it is not ours to drop.
+        Err(()) => TC_ACT_OK as i32,
+    }
+}
+
+fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
+    let Some(flow) = packet::parse_ipv4(ctx) else {
+        count(STAT_PASS_UNPARSED);
+        return Ok(TC_ACT_OK as i32);
+    };
+
+    let ct_key = CtKey {
+        saddr_be: flow.saddr_be,
+        daddr_be: flow.daddr_be,
+        sport_be: flow.sport_be,
+        dport_be: flow.dport_be,
+        proto: flow.proto,
+        pad: [0; 3],
+    };
+    if let Some(entry) = CONNTRACK.get_ptr(&ct_key) {
+        // SAFETY: the pointer comes from a successful lookup and CtValue is plain data; a concurrent
+        // update can at worst give a stale copy, which the checks below tolerate.
+        let entry = unsafe { *entry };
+        if entry.kind == CT_REVERSE {
+            count(STAT_REVERSE_NAT);
+            return rewrite_or_drop(nat::snat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be));
+        }
+        if entry.kind == CT_FORWARD && backend_still_valid(&entry) {
+            count(STAT_FWD_ESTABLISHED);
+            return rewrite_or_drop(nat::dnat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be));
+        }
+        // A forward entry whose backend is gone falls through and is re-balanced like a new flow.
+    }
+
+    let svc_key = ServiceKey {
+        addr_be: flow.daddr_be,
+        port_be: flow.dport_be,
+        proto: flow.proto,
+        pad: 0,
+    };
+    let Some(svc) = SERVICES.get_ptr(&svc_key) else {
+        count(STAT_PASS_NOT_SERVICE);
+        return Ok(TC_ACT_OK as i32);
+    };
+    // SAFETY: pointer from a successful lookup; ServiceValue is plain data and the agent replaces
+    // entries whole (one update per frontend), so the copy is a consistent value.
+    let svc = unsafe { *svc };
+    if svc.flags & SVC_FLAG_REJECT != 0 || svc.table_size == 0 {
+        return Ok(reject::reject(ctx, &flow));
+    }
+
+    let slot = flow::hash(&flow) % svc.table_size;
+    let maglev_key = MaglevKey {
+        table_id: svc.table_id,
+        slot,
+    };
+    let Some(backend_id) = MAGLEV.get_ptr(&maglev_key) else {
+        count(STAT_DROP_NO_BACKEND);
+        return Ok(TC_ACT_SHOT as i32);
+    };
+    // SAFETY: pointer from a successful lookup of a u32 value.
+    let backend_id = unsafe { *backend_id };
+    let Some(backend) = BACKENDS.get_ptr(&backend_id) else {
+        count(STAT_DROP_NO_BACKEND);
+        return Ok(TC_ACT_SHOT as i32);
+    };
+    // SAFETY: pointer from a successful lookup; Backend is plain data.
+    let backend = unsafe { *backend };
+
+    let forward = CtValue {
+        nat_addr_be: backend.addr_be,
+        nat_port_be: backend.port_be,
+        kind: CT_FORWARD,
+        pad: 0,
+        backend_id,
+        pad2: 0,
+    };
+    let reverse_key = CtKey {
+        saddr_be: backend.addr_be,
+        daddr_be: flow.saddr_be,
+        sport_be: backend.port_be,
+        dport_be: flow.sport_be,
+        proto: flow.proto,
+        pad: [0; 3],
+    };
+    let reverse = CtValue {
+        nat_addr_be: flow.daddr_be,
+        nat_port_be: flow.dport_be,
+        kind: CT_REVERSE,
+        pad: 0,
+        backend_id,
+        pad2: 0,
+    };
+    // An LRU insert only fails on allocation failure; the packet is still translated, and the next
+    // packet of the flow picks the same backend from the same Maglev table.
+    let _ = CONNTRACK.insert(&reverse_key, &reverse, 0);
+    let _ = CONNTRACK.insert(&ct_key, &forward, 0);
+    count(STAT_FWD_NEW);
+    rewrite_or_drop(nat::dnat(ctx, &flow, backend.addr_be, backend.port_be))
+}
+
+/// A forward entry may outlive its backend (removed from the Service); its id may even have been reused.
+fn backend_still_valid(entry: &CtValue) -> bool {
+    match BACKENDS.get_ptr(&entry.backend_id) {
+        // SAFETY: pointer from a successful lookup; Backend is plain data.
+        Some(b) => {
+            let b = unsafe { *b };
+            b.addr_be == entry.nat_addr_be && b.port_be == entry.nat_port_be
+        }
+        None => false,
+    }
+}
+
+fn rewrite_or_drop(result: Result<(), i64>) -> Result<i32, ()> {
+    match result {
+        Ok(()) => Ok(TC_ACT_OK as i32),
+        Err(_) => {
+            // A half-rewritten packet must never leave: its checksum or address would be wrong.
+            count(STAT_DROP_REWRITE_FAILED);
+            Ok(TC_ACT_SHOT as i32)
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program that could reach a panic, so this is never executed.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,96 @@
+//! Header parsing: direct packet access for fixed offsets, each preceded by a bounds check against
+//! `data_end`; bounds-checked helper loads for the variable-offset L4 header.
+use aya_ebpf::programs::TcContext;
+use weir_common::{PROTO_TCP, PROTO_UDP};
+
+pub const ETH_HLEN: usize = 14;
+pub const IPV4_MIN_HLEN: usize = 20;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// More-fragments flag and fragment offset: any of them set means this is a fragment.
+const IP_FRAG_MASK: u16 = 0x3fff;
+
+/// The L3/L4 facts the datapath needs, copied out of the packet so later helper calls (which invalidate
+/// packet pointers) cannot leave us reading stale memory.
+pub struct Flow {
+    pub saddr_be: u32,
+    pub daddr_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    /// IPv4 header length in bytes (20..=60).
+    pub ihl: usize,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4_off: usize,
+}
+
+/// # Safety
+/// `offset + size_of::<T>()` must have been checked against `data_end`.
+#[inline(always)]
+unsafe fn read<T: Copy>(ctx: &TcContext, offset: usize) -> T {
+    // SAFETY: the caller checked that the read stays inside [data, data_end).
+    unsafe { core::ptr::read_unaligned((ctx.data() + offset) as *const T) }
+}
+
+/// Parses Ethernet + IPv4 + TCP/UDP. Returns `None` for anything that is not a complete, unfragmented
+/// IPv4 TCP or UDP packet: those pass untouched.
+#[inline(always)]
+pub fn parse_ipv4(ctx: &TcContext) -> Option<Flow> {
+    if ctx.data() + ETH_HLEN + IPV4_MIN_HLEN > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bytes [0, ETH_HLEN + 20) were bounds-checked just above.
+    let eth_proto: u16 = unsafe { read(ctx, 12) };
+    if eth_proto != ETH_P_IP_BE {
+        return None;
+    }
+    // SAFETY: within the checked Ethernet + minimal IPv4 header.
+    let version_ihl: u8 = unsafe { read(ctx, ETH_HLEN) };
+    if version_ihl >> 4 != 4 {
+        return None;
+    }
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if ihl < IPV4_MIN_HLEN {
+        return None;
+    }
+    // SAFETY: within the checked minimal IPv4 header.
+    let frag: u16 = unsafe { read(ctx, ETH_HLEN + 6) };
+    if u16::from_be(frag) & IP_FRAG_MASK != 0 {
+        return None;
+    }
+    // SAFETY: within the checked minimal IPv4 header.
+    let proto: u8 = unsafe { read(ctx, ETH_HLEN + 9) };
+    let l4_min = match proto {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        _ => return None,
+    };
+    // SAFETY: the minimal IPv4 header was bounds-checked above. Read before any helper call: a fresh
+    // `data` pointer after a call carries no bounds proof.
+    let (saddr_be, daddr_be) = unsafe { (read(ctx, ETH_HLEN + 12), read(ctx, ETH_HLEN + 16)) };
+    let l4_off = ETH_HLEN + ihl;
+    // The L4 offset varies with the IPv4 options, and LLVM re-derives variable packet pointers in ways
+    // the verifier cannot follow; the skb length check plus a bounds-checked helper load are robust.
+    if (ctx.len() as usize) < l4_off + l4_min {
+        return None;
+    }
+    let ports: [u16; 2] = ctx.load(l4_off).ok()?;
+    Some(Flow {
+        saddr_be,
+        daddr_be,
+        sport_be: ports[0],
+        dport_be: ports[1],
+        proto,
+        ihl,
+        l4_off,
+    })
+}
+
+/// Offset of the L4 checksum field.
+#[inline(always)]
+pub fn l4_csum_off(flow: &Flow) -> usize {
+    if flow.proto == PROTO_TCP {
+        flow.l4_off + 16
+    } else {
+        flow.l4_off + 6
+    }
+}

@@ -1,0 +1,174 @@
+//! kube-proxy's REJECT for a Service without ready endpoints: a TCP RST or an ICMP port unreachable,
+//! built in place and sent back out of the interface the packet came in on, so the client fails at once.
+use aya_ebpf::{
+    bindings::TC_ACT_SHOT,
+    helpers::{bpf_redirect, bpf_skb_change_tail},
+    programs::TcContext,
+};
+use weir_common::{PROTO_TCP, STAT_DROP_REJECT_FAILED, STAT_REJECT_TCP, STAT_REJECT_UDP};
+
+use crate::{
+    csum,
+    packet::{ETH_HLEN, Flow, IPV4_MIN_HLEN},
+    stats::count,
+};
+
+const TCP_RST: u8 = 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_FIN: u8 = 0x01;
+const TCP_ACK: u8 = 0x10;
+const RST_LEN: usize = ETH_HLEN + 20 + 20;
+/// Ethernet + IPv4 + ICMP header + the offending IPv4 header + its first 8 bytes (RFC 792).
+const ICMP_LEN: usize = ETH_HLEN + 20 + 8 + 20 + 8;
+const ORIG_UDP_LEN: usize = ETH_HLEN + 20 + 8;
+
+#[inline(always)]
+pub fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
+    // Headers with IPv4 options are rare from pods; building replies for them is not worth the code.
+    if flow.ihl != IPV4_MIN_HLEN {
+        count(STAT_DROP_REJECT_FAILED);
+        return TC_ACT_SHOT as i32;
+    }
+    let built = if flow.proto == PROTO_TCP {
+        tcp_rst(ctx).map(|sent| (sent, STAT_REJECT_TCP))
+    } else {
+        icmp_port_unreachable(ctx).map(|sent| (sent, STAT_REJECT_UDP))
+    };
+    match built {
+        Ok((true, stat)) => {
+            count(stat);
+            // SAFETY: ctx.skb.skb is the live __sk_buff this program was called with.
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            // SAFETY: plain helper call with an ifindex taken from the skb itself.
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
+        }
+        // An incoming RST is never answered.
+        Ok((false, _)) => TC_ACT_SHOT as i32,
+        Err(_) => {
+            count(STAT_DROP_REJECT_FAILED);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
+
+/// Returns Ok(false) when the packet must be dropped silently (it is itself a RST).
+#[inline(always)]
+fn tcp_rst(ctx: &TcContext) -> Result<bool, i64> {
+    let inp: [u8; RST_LEN] = ctx.load(0)?;
+    let l4 = ETH_HLEN + 20;
+    let in_flags = inp[l4 + 13];
+    if in_flags & TCP_RST != 0 {
+        return Ok(false);
+    }
+    let tot_len = u16::from_be_bytes([inp[ETH_HLEN + 2], inp[ETH_HLEN + 3]]) as u32;
+    let doff = ((inp[l4 + 12] >> 4) as u32) * 4;
+    let in_seq = u32::from_be_bytes([inp[l4 + 4], inp[l4 + 5], inp[l4 + 6], inp[l4 + 7]]);
+    let in_ack = [inp[l4 + 8], inp[l4 + 9], inp[l4 + 10], inp[l4 + 11]];
+    let mut seg_len = tot_len.saturating_sub(20 + doff);
+    if in_flags & TCP_SYN != 0 {
+        seg_len += 1;
+    }
+    if in_flags & TCP_FIN != 0 {
+        seg_len += 1;
+    }
+
+    let mut out = [0u8; RST_LEN];
+    swap_ethernet(&inp, &mut out);
+    ip_header(&inp, &mut out, 40, PROTO_TCP);
+    // Ports swapped.
+    out[l4] = inp[l4 + 2];
+    out[l4 + 1] = inp[l4 + 3];
+    out[l4 + 2] = inp[l4];
+    out[l4 + 3] = inp[l4 + 1];
+    // RFC 793 reset generation: echo the peer's ACK as our sequence if it had one, else ACK its segment.
+    if in_flags & TCP_ACK != 0 {
+        out[l4 + 4] = in_ack[0];
+        out[l4 + 5] = in_ack[1];
+        out[l4 + 6] = in_ack[2];
+        out[l4 + 7] = in_ack[3];
+        out[l4 + 13] = TCP_RST;
+    } else {
+        let ack = in_seq.wrapping_add(seg_len).to_be_bytes();
+        out[l4 + 8] = ack[0];
+        out[l4 + 9] = ack[1];
+        out[l4 + 10] = ack[2];
+        out[l4 + 11] = ack[3];
+        out[l4 + 13] = TCP_RST | TCP_ACK;
+    }
+    out[l4 + 12] = 5 << 4;
+    // Pseudo header: addresses, protocol, TCP length.
+    let pseudo = csum::sum(&out[ETH_HLEN + 12..ETH_HLEN + 20], PROTO_TCP as u32 + 20);
+    let c = csum::finish(csum::sum(&out[l4..RST_LEN], pseudo));
+    out[l4 + 16] = c[0];
+    out[l4 + 17] = c[1];
+
+    resize(ctx, RST_LEN)?;
+    ctx.store(0, &out, 0)?;
+    Ok(true)
+}
+
+#[inline(always)]
+fn icmp_port_unreachable(ctx: &TcContext) -> Result<bool, i64> {
+    let inp: [u8; ORIG_UDP_LEN] = ctx.load(0)?;
+
+    let mut out = [0u8; ICMP_LEN];
+    swap_ethernet(&inp, &mut out);
+    ip_header(&inp, &mut out, (ICMP_LEN - ETH_HLEN) as u16, 1);
+    let icmp = ETH_HLEN + 20;
+    out[icmp] = 3; // destination unreachable
+    out[icmp + 1] = 3; // port unreachable
+    let mut i = 0;
+    while i < ORIG_UDP_LEN - ETH_HLEN {
+        out[icmp + 8 + i] = inp[ETH_HLEN + i];
+        i += 1;
+    }
+    let c = csum::finish(csum::sum(&out[icmp..ICMP_LEN], 0));
+    out[icmp + 2] = c[0];
+    out[icmp + 3] = c[1];
+
+    resize(ctx, ICMP_LEN)?;
+    ctx.store(0, &out, 0)?;
+    Ok(true)
+}
+
+#[inline(always)]
+fn swap_ethernet(inp: &[u8], out: &mut [u8]) {
+    let mut i = 0;
+    while i < 6 {
+        out[i] = inp[6 + i];
+        out[6 + i] = inp[i];
+        i += 1;
+    }
+    out[12] = 0x08;
+    out[13] = 0x00;
+}
+
+/// A fresh IPv4 header from the frontend (original destination) back to the client.
+#[inline(always)]
+fn ip_header(inp: &[u8], out: &mut [u8], tot_len: u16, proto: u8) {
+    let ip = ETH_HLEN;
+    out[ip] = 0x45;
+    let len = tot_len.to_be_bytes();
+    out[ip + 2] = len[0];
+    out[ip + 3] = len[1];
+    out[ip + 6] = 0x40; // don't fragment
+    out[ip + 8] = 64;
+    out[ip + 9] = proto;
+    let mut i = 0;
+    while i < 4 {
+        out[ip + 12 + i] = inp[ip + 16 + i];
+        out[ip + 16 + i] = inp[ip + 12 + i];
+        i += 1;
+    }
+    let c = csum::finish(csum::sum(&out[ip..ip + 20], 0));
+    out[ip + 10] = c[0];
+    out[ip + 11] = c[1];
+}
+
+#[inline(always)]
+fn resize(ctx: &TcContext, len: usize) -> Result<(), i64> {
+    // SAFETY: plain helper call on the live skb; it may move packet data, and no packet pointer is
+    // held across it (the reply is built on the stack).
+    let ret = unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) };
+    if ret == 0 { Ok(()) } else { Err(ret) }
+}

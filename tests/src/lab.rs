@@ -1,0 +1,468 @@
+//! The lab: a "node" network namespace, Calico-style "pod" namespaces wired to it by veth pairs, the
+//! per-lab temp dir (agent config dir, logs) and bpffs, and the pod handles tests drive backends and
+//! clients through.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+use crate::agent::Agent;
+use crate::backend::{self, Protocol};
+use crate::client::{self, ClientError, HttpResponse, TcpConn, UdpReply};
+use crate::netns::{self, NetNs, in_netns, ip, sysctl};
+
+/// The pods' default gateway. It exists only as an address on the node's `lo`: pods ARP for it on
+/// `eth0` and the node answers (its own address) with the MAC of the pod's veth peer, like Calico's
+/// proxy-ARP gateway. The node needs a local address anyway, as the source of its ARP requests and ICMP.
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// Default prefix of the node-side pod interfaces (`wp0`, `wp1`, ...).
+pub const DEFAULT_POD_IFACE_PREFIX: &str = "wp";
+
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+
+/// Where per-lab bpffs instances are mounted: outside /sys, because `ip netns exec` gives the agent a
+/// fresh /sys in which a bpffs mounted under /sys/fs/bpf would not be visible.
+pub(crate) const BPFFS_ROOT: &str = "/run/weir-tests";
+
+/// State shared by a lab and its pod handles: the teardown flag and the backend threads to join.
+#[derive(Debug, Default)]
+struct Shared {
+    stop: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct PodEntry {
+    pod: Pod,
+    // Dropped (namespace deleted) during the lab's teardown.
+    _netns: NetNs,
+}
+
+/// One node namespace plus pod namespaces, all removed on drop. See the crate docs.
+#[derive(Debug)]
+pub struct Lab {
+    id: String,
+    node: Option<NetNs>,
+    prefix: String,
+    pods: Mutex<Vec<PodEntry>>,
+    next_index: AtomicUsize,
+    next_agent: AtomicUsize,
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    config_dir: PathBuf,
+    bpffs: Mutex<Option<PathBuf>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking test must still be able to tear its lab down.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Lab {
+    /// A lab whose node-side pod interfaces are named `wp<index>`. Panics when not root.
+    pub fn new() -> anyhow::Result<Self> {
+        Self::with_pod_iface_prefix(DEFAULT_POD_IFACE_PREFIX)
+    }
+
+    /// A lab whose node-side pod interfaces are named `<prefix><index>`. Panics when not root.
+    pub fn with_pod_iface_prefix(prefix: &str) -> anyhow::Result<Self> {
+        netns::require_root();
+        netns::reap_stale();
+        ensure!(
+            !prefix.is_empty() && prefix.len() <= MAX_IFNAME - 3,
+            "pod interface prefix {prefix:?} must be 1..={} bytes",
+            MAX_IFNAME - 3
+        );
+        let id = netns::unique_id();
+        let dir = std::env::temp_dir().join(format!("weir-tests-{id}"));
+        // A leftover of an earlier process with the same pid: ours now.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("remove stale {}", dir.display()))?;
+        }
+        let config_dir = dir.join("config");
+        std::fs::create_dir_all(&config_dir)
+            .with_context(|| format!("create {}", config_dir.display()))?;
+        let mut lab = Self {
+            node: None,
+            prefix: prefix.to_owned(),
+            pods: Mutex::new(Vec::new()),
+            next_index: AtomicUsize::new(0),
+            next_agent: AtomicUsize::new(0),
+            shared: Arc::default(),
+            dir,
+            config_dir,
+            bpffs: Mutex::new(None),
+            id,
+        };
+        // From here on, a failure drops `lab`, which deletes whatever was already created.
+        let node = NetNs::create(&format!("weir-{}-node", lab.id))?;
+        let n = node.name().to_owned();
+        lab.node = Some(node);
+        ip(&["-n", &n, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &n,
+            "addr",
+            "add",
+            &format!("{GATEWAY}/32"),
+            "dev",
+            "lo",
+        ])?;
+        sysctl(&n, "net.ipv4.ip_forward", "1")?;
+        // Pod traffic arrives on one veth and leaves by another; rp_filter must not judge that. The
+        // default value is inherited by the veths created later.
+        sysctl(&n, "net.ipv4.conf.all.rp_filter", "0")?;
+        sysctl(&n, "net.ipv4.conf.default.rp_filter", "0")?;
+        Ok(lab)
+    }
+
+    /// The lab's unique id (`<pid>-<counter>`), part of every name it creates.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The node namespace's name (for `ip -n`, `ip netns exec`, [`in_netns`]).
+    pub fn node_netns(&self) -> &str {
+        self.node.as_ref().map_or("", NetNs::name)
+    }
+
+    /// The prefix of the node-side pod interfaces, to pass to the agent as `--pod-iface-prefix`.
+    pub fn pod_iface_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The lab's temp dir (config dir, agent logs), removed on drop unless `WEIR_TESTS_KEEP` is set.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The agent's `--config-dir`.
+    pub fn config_dir(&self) -> &Path {
+        &self.config_dir
+    }
+
+    /// Runs `f` in the node namespace (see [`in_netns`]).
+    pub fn in_node<F: FnOnce() -> T + Send, T: Send>(&self, f: F) -> std::io::Result<T> {
+        in_netns(self.node_netns(), f)
+    }
+
+    /// Creates pod `name` with address `ip`: its own namespace, `eth0` holding `ip/32`, routes
+    /// `169.254.1.1 dev eth0` and `default via 169.254.1.1`; on the node `<prefix><index>` with
+    /// proxy_arp and a route `ip/32` to it. Pod names are lower-case letters, digits and dashes.
+    pub fn add_pod(&self, name: &str, ip_addr: impl Into<Ipv4Addr>) -> anyhow::Result<Pod> {
+        let addr: Ipv4Addr = ip_addr.into();
+        ensure!(
+            !name.is_empty()
+                && name != "node"
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "invalid pod name {name:?}: use [a-z0-9-], not \"node\""
+        );
+        let mut pods = lock(&self.pods);
+        if let Some(e) = pods.iter().find(|e| e.pod.name == name || e.pod.ip == addr) {
+            bail!(
+                "pod {name} {addr} clashes with existing pod {} {}",
+                e.pod.name,
+                e.pod.ip
+            );
+        }
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        let iface = format!("{}{index}", self.prefix);
+        ensure!(
+            iface.len() <= MAX_IFNAME,
+            "interface name {iface} is too long"
+        );
+        let node = self.node_netns();
+        let netns = NetNs::create(&format!("weir-{}-{name}", self.id))?;
+        let pod = Pod {
+            name: name.to_owned(),
+            netns: netns.name().to_owned(),
+            ip: addr,
+            node_iface: iface.clone(),
+            shared: self.shared.clone(),
+        };
+        let ns = pod.netns.clone();
+        pods.push(PodEntry {
+            pod: pod.clone(),
+            _netns: netns,
+        });
+        drop(pods);
+
+        let cidr = format!("{addr}/32");
+        let gw = GATEWAY.to_string();
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        // Created directly in the node namespace with its peer directly in the pod's: nothing ever appears
+        // in the host's own namespace.
+        ip(&[
+            "-n", node, "link", "add", &iface, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        sysctl(node, &format!("net.ipv4.conf.{iface}.proxy_arp"), "1")?;
+        sysctl(node, &format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
+        ip(&["-n", node, "link", "set", &iface, "up"])?;
+        ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&[
+            "-n", &ns, "route", "add", &gw, "dev", "eth0", "scope", "link",
+        ])?;
+        ip(&[
+            "-n", &ns, "route", "add", "default", "via", &gw, "dev", "eth0",
+        ])?;
+        ip(&["-n", node, "route", "add", &cidr, "dev", &iface])?;
+        Ok(pod)
+    }
+
+    /// The handle of pod `name`. Panics if the lab has no such pod (a bug in the test).
+    pub fn pod(&self, name: &str) -> Pod {
+        let pods = lock(&self.pods);
+        match pods.iter().find(|e| e.pod.name == name) {
+            Some(e) => e.pod.clone(),
+            None => panic!("lab {} has no pod named {name:?}", self.id),
+        }
+    }
+
+    /// All pods, in creation order.
+    pub fn pods(&self) -> Vec<Pod> {
+        lock(&self.pods).iter().map(|e| e.pod.clone()).collect()
+    }
+
+    /// Writes `file` in the config dir atomically: a dotfile the agent ignores, then a rename, so the
+    /// agent never reads half a file.
+    pub fn write_config(&self, file: &str, contents: &str) -> anyhow::Result<()> {
+        ensure!(
+            !file.contains('/') && !file.starts_with('.'),
+            "bad config file name {file:?}"
+        );
+        let tmp = self.config_dir.join(format!(".{file}.tmp"));
+        let dest = self.config_dir.join(file);
+        std::fs::write(&tmp, contents).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &dest).with_context(|| format!("rename to {}", dest.display()))
+    }
+
+    /// Removes `file` from the config dir.
+    pub fn remove_config(&self, file: &str) -> anyhow::Result<()> {
+        let path = self.config_dir.join(file);
+        std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))
+    }
+
+    /// This lab's bpffs, mounted on first use and unmounted with the lab, so an agent restarted in the
+    /// same lab finds its pins again, as on a real node.
+    pub fn bpffs_dir(&self) -> anyhow::Result<PathBuf> {
+        let mut bpffs = lock(&self.bpffs);
+        if let Some(dir) = bpffs.as_ref() {
+            return Ok(dir.clone());
+        }
+        let dir = Path::new(BPFFS_ROOT).join(&self.id).join("bpf");
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        nix::mount::mount(
+            Some("bpf"),
+            &dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mount -t bpf bpf {}", dir.display()))?;
+        *bpffs = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// Starts the agent in the node namespace with this lab's config dir, prefix and bpffs, plus
+    /// `extra_args`. See [`Agent::start`].
+    pub fn start_agent(&self, extra_args: &[&str]) -> anyhow::Result<Agent<'_>> {
+        Agent::start(self, extra_args)
+    }
+
+    /// A fresh log path for the next agent started in this lab.
+    pub(crate) fn next_agent_log(&self) -> PathBuf {
+        let n = self.next_agent.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("agent-{n}.log"))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Backends first: they hold sockets (and so references) in the pod namespaces.
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for handle in lock(&self.shared.threads).drain(..) {
+            if handle.join().is_err() {
+                eprintln!("weir-tests: a backend thread of lab {} panicked", self.id);
+            }
+        }
+        // Deleting a pod namespace destroys its veth pair, node side included.
+        lock(&self.pods).clear();
+        self.node = None;
+        if let Some(dir) = lock(&self.bpffs).take() {
+            match nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH) {
+                // remove_dir (not remove_dir_all): never walk into a bpffs that is still mounted.
+                Ok(()) => {
+                    let _ = std::fs::remove_dir(&dir);
+                    if let Some(parent) = dir.parent() {
+                        let _ = std::fs::remove_dir(parent);
+                    }
+                }
+                Err(e) => eprintln!("weir-tests: cannot unmount {}: {e}", dir.display()),
+            }
+        }
+        if std::env::var_os("WEIR_TESTS_KEEP").is_some() {
+            eprintln!(
+                "weir-tests: keeping {} (WEIR_TESTS_KEEP is set)",
+                self.dir.display()
+            );
+        } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("weir-tests: cannot remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// A pod of a [`Lab`]: cheap to clone, usable from any thread. Backends it serves run until the lab drops.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    name: String,
+    netns: String,
+    ip: Ipv4Addr,
+    node_iface: String,
+    shared: Arc<Shared>,
+}
+
+impl Pod {
+    /// The pod's name, which its backends put in every reply.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The pod's address (on its `eth0`).
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// The pod's namespace name.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// The node-side veth (`wp0`, ...), where the agent attaches its programs.
+    pub fn node_iface(&self) -> &str {
+        &self.node_iface
+    }
+
+    /// Runs `f` inside the pod's namespace (see [`in_netns`]): the way to run many client calls (from
+    /// [`crate::client`]) without a thread per call.
+    pub fn run<F: FnOnce() -> T + Send, T: Send>(&self, f: F) -> std::io::Result<T> {
+        in_netns(&self.netns, f)
+    }
+
+    /// Starts a `protocol` backend on `0.0.0.0:port`, already listening when this returns.
+    pub fn serve(&self, protocol: Protocol, port: u16) -> anyhow::Result<()> {
+        let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let (name, stop) = (self.name.clone(), self.shared.stop.clone());
+        let context = || format!("{protocol:?} backend on {}:{port}", self.name);
+        let handle = match protocol {
+            Protocol::Udp => {
+                let socket = self.run(|| std::net::UdpSocket::bind(bind)).and_then(|r| r);
+                backend::spawn_udp(socket.with_context(context)?, name, stop)
+            }
+            Protocol::Tcp | Protocol::Http => {
+                let listener = self
+                    .run(|| std::net::TcpListener::bind(bind))
+                    .and_then(|r| r);
+                let listener = listener.with_context(context)?;
+                if protocol == Protocol::Tcp {
+                    backend::spawn_tcp(listener, name, stop)
+                } else {
+                    backend::spawn_http(listener, name, stop)
+                }
+            }
+        }
+        .with_context(context)?;
+        lock(&self.shared.threads).push(handle);
+        Ok(())
+    }
+
+    /// [`Pod::serve`] with [`Protocol::Tcp`].
+    pub fn serve_tcp(&self, port: u16) -> anyhow::Result<()> {
+        self.serve(Protocol::Tcp, port)
+    }
+
+    /// [`Pod::serve`] with [`Protocol::Udp`].
+    pub fn serve_udp(&self, port: u16) -> anyhow::Result<()> {
+        self.serve(Protocol::Udp, port)
+    }
+
+    /// [`Pod::serve`] with [`Protocol::Http`].
+    pub fn serve_http(&self, port: u16) -> anyhow::Result<()> {
+        self.serve(Protocol::Http, port)
+    }
+
+    fn client<T: Send>(
+        &self,
+        op: &'static str,
+        addr: SocketAddr,
+        f: impl FnOnce() -> Result<T, ClientError> + Send,
+    ) -> Result<T, ClientError> {
+        let started = Instant::now();
+        self.run(f)
+            .map_err(|e| ClientError::new(op, addr, started, e))
+            .and_then(|r| r)
+    }
+
+    /// [`client::tcp_connect`] from this pod; the connection can then be used from any thread.
+    pub fn tcp_connect(
+        &self,
+        addr: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<TcpConn, ClientError> {
+        let addr = addr.into();
+        self.client("tcp connect", addr, || client::tcp_connect(addr, timeout))
+    }
+
+    /// [`client::tcp_request`] from this pod: connect, read the greeting line, close.
+    pub fn tcp_request(
+        &self,
+        addr: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<String, ClientError> {
+        let addr = addr.into();
+        self.client("tcp request", addr, || client::tcp_request(addr, timeout))
+    }
+
+    /// [`client::udp_request`] from this pod (fresh connected socket).
+    pub fn udp_request(
+        &self,
+        addr: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<UdpReply, ClientError> {
+        let addr = addr.into();
+        self.client("udp request", addr, || client::udp_request(addr, timeout))
+    }
+
+    /// [`client::udp_request_unconnected`] from this pod (fresh unconnected socket).
+    pub fn udp_request_unconnected(
+        &self,
+        addr: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<UdpReply, ClientError> {
+        let addr = addr.into();
+        self.client("udp request", addr, || {
+            client::udp_request_unconnected(addr, timeout)
+        })
+    }
+
+    /// [`client::http_get`] from this pod.
+    pub fn http_get(
+        &self,
+        addr: impl Into<SocketAddr>,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<HttpResponse, ClientError> {
+        let addr = addr.into();
+        self.client("http get", addr, || client::http_get(addr, path, timeout))
+    }
+}

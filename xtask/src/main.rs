@@ -1,0 +1,62 @@
+//! Developer tasks for Weir, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
+//!
+//! Each command lives in its own module: `setup` installs the prerequisites, `test` runs the whole
+//! suite (lints, unit tests, privileged integration tests), `demo` runs the one-node lab, and
+//! `build-ebpf` builds the eBPF object alone.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod build_ebpf;
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Weir developer tasks",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing (rust-src for nightly, bpf-linker, Debian packages); needs root.
+    Setup,
+    /// Run setup, build the agent, then fmt, clippy, unit tests and the privileged integration tests.
+    Test(test::Args),
+    /// Run setup, build the agent and run the one-node network-namespace demo; needs root.
+    Demo,
+    /// Build the eBPF programs alone with the nightly toolchain (bpfel-unknown-none).
+    BuildEbpf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Test(args) => test::run(&args),
+        Command::Demo => demo_command(),
+        Command::BuildEbpf => build_ebpf::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo_command() -> anyhow::Result<()> {
+    setup::run()?;
+    cmd::build_agent()?;
+    demo::run()
+}
