@@ -29,14 +29,19 @@ const RETRY_AFTER_ERRORS: Duration = Duration::from_secs(1);
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if !args.config_dir.is_dir() {
-        bail!("--config-dir {}: not a directory", args.config_dir.display());
+        bail!(
+            "--config-dir {}: not a directory",
+            args.config_dir.display()
+        );
     }
     for iface in &args.external_ifaces {
         nix::net::if_::if_nametoindex(iface.as_str())
             .with_context(|| format!("--external-iface {iface}: no such interface"))?;
     }
     let node_ips = if args.node_ips.is_empty() {
-        links::node_addresses().await.context("reading node addresses")?
+        links::node_addresses()
+            .await
+            .context("reading node addresses")?
     } else {
         args.node_ips.clone()
     };
@@ -48,7 +53,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let caps = Capacities {
         services: args.max_services,
         backends: args.max_backends,
-        maglev_slots: args.max_maglev_slots,
+        maglev_tables: args.max_services.saturating_add(1024),
         conntrack: args.max_conntrack,
     };
     let (mut datapath, maps, stats) = Datapath::load(&args.bpffs_dir, caps)?;
@@ -84,12 +89,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
+    let (link_err_tx, mut link_err_rx) = mpsc::channel::<String>(1);
     let prefix = args.pod_iface_prefix.clone();
     tokio::spawn(async move {
         if let Err(e) = links::watch_pod_links(prefix, link_tx).await {
-            error!("link watcher stopped: {e}; new pod interfaces will not be attached");
+            let _ = link_err_tx.send(e.to_string()).await;
         }
     });
+    // Healthy means "serving": the first sync is programmed and every pod interface present at start is
+    // attached, so a client that waited for /healthz never races the attach.
+    let mut links_ready = false;
+    let mut first_sync_done = false;
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -113,6 +123,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 snapshot = snap_rx.borrow_and_update().clone();
                 retry_at = sync(&mut reconciler, snapshot.as_ref(), &metrics);
+                first_sync_done |= snapshot.is_some();
+                metrics.synced.store(first_sync_done && links_ready, Ordering::Relaxed);
             }
             () = retry => {
                 retry_at = sync(&mut reconciler, snapshot.as_ref(), &metrics);
@@ -129,8 +141,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     datapath.forget(index);
                     metrics.attached_interfaces.set(datapath.attached_count() as i64);
                 }
+                Some(LinkEvent::InitialDumpDone) => {
+                    links_ready = true;
+                    metrics.synced.store(first_sync_done && links_ready, Ordering::Relaxed);
+                }
                 None => {}
             },
+            Some(e) = link_err_rx.recv() => {
+                // Without link events no pod interface can be attached: fail loudly so the DaemonSet
+                // restarts us, rather than serve a datapath that silently misses pods.
+                datapath.detach_all();
+                bail!("watching pod interfaces: {e}");
+            }
             _ = sigterm.recv() => { info!("SIGTERM: detaching"); break; }
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
         }
@@ -154,11 +176,17 @@ fn sync(
     metrics.sync_duration.observe(elapsed.as_secs_f64());
     metrics.syncs.inc();
     metrics.sync_errors.inc_by(report.errors as u64);
-    metrics.frontends.set(reconciler.programmed_frontends() as i64);
-    metrics.backends.set(reconciler.programmed_backends() as i64);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+    metrics
+        .frontends
+        .set(reconciler.programmed_frontends() as i64);
+    metrics
+        .backends
+        .set(reconciler.programmed_backends() as i64);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
     metrics.last_sync_timestamp.set(now);
-    metrics.synced.store(true, Ordering::Relaxed);
     info!(
         frontends = desired.frontends.len(),
         written = report.frontends_written,

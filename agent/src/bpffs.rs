@@ -48,8 +48,17 @@ pub fn ensure(dir: &Path) -> Result<bool, BpffsError> {
     let mounted = if fs.filesystem_type() == BPF_FS_MAGIC {
         false
     } else {
-        mount(Some("bpf"), dir, Some("bpf"), MsFlags::empty(), None::<&str>)
-            .map_err(|source| BpffsError::Mount { dir: d.clone(), source })?;
+        mount(
+            Some("bpf"),
+            dir,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|source| BpffsError::Mount {
+            dir: d.clone(),
+            source,
+        })?;
         true
     };
     // Pinning fails late and obscurely on a read-only bpffs; say so up front.

@@ -2,10 +2,14 @@
 use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
 
 use clap::Parser;
-use weir_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_MAGLEV_MAX, DEFAULT_SERVICES_MAX};
+use weir_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_SERVICES_MAX};
 
 #[derive(Debug, Parser)]
-#[command(name = "weir-agent", version, about = "Weir: eBPF Service load balancing in place of kube-proxy")]
+#[command(
+    name = "weir-agent",
+    version,
+    about = "Weir: eBPF Service load balancing in place of kube-proxy"
+)]
 pub struct Args {
     /// Standalone mode: directory of YAML files holding core/v1 Service and discovery.k8s.io/v1
     /// EndpointSlice objects (multi-document); re-applied within 1 s of any change.
@@ -36,17 +40,14 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
 
-    /// Capacity of the frontend map (ClusterIP:port/protocol entries).
+    /// Capacity of the frontend map (ClusterIP:port/protocol entries); the Maglev table map gets 1,024 more
+    /// for tables being swapped in.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_SERVICES_MAX)]
     pub max_services: u32,
 
     /// Capacity of the backend map (distinct endpoint address:port/protocol).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BACKENDS_MAX)]
     pub max_backends: u32,
-
-    /// Capacity of the Maglev slot map (sum of all table sizes; ≥ 100 slots per backend, prime per table).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAGLEV_MAX)]
-    pub max_maglev_slots: u32,
 
     /// Capacity of the LRU connection-tracking map (two entries per flow).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CONNTRACK_MAX)]

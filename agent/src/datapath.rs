@@ -5,12 +5,12 @@ use std::{collections::HashMap as StdHashMap, io, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError as AyaMapError, PerCpuArray},
+    maps::{Array, HashMap, HashOfMaps, MapData, MapError as AyaMapError, PerCpuArray},
     programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
 };
 use tracing::{info, warn};
 use weir_common::{
-    Backend, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_SERVICES, MAP_STATS, MaglevKey,
+    Backend, MAGLEV_TABLE_FLAGS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_SERVICES, MAP_STATS,
     PROG_POD_INGRESS, STAT_COUNT, ServiceKey, ServiceValue,
 };
 
@@ -21,7 +21,7 @@ use crate::reconcile::{Adopted, MapError, MapWriter};
 pub struct Capacities {
     pub services: u32,
     pub backends: u32,
-    pub maglev_slots: u32,
+    pub maglev_tables: u32,
     pub conntrack: u32,
 }
 
@@ -34,7 +34,10 @@ pub enum DatapathError {
         source: aya::EbpfError,
     },
     #[error("eBPF object has no {what} named {name}")]
-    Missing { what: &'static str, name: &'static str },
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
     #[error("{context}: {source}")]
     Program {
         context: String,
@@ -58,7 +61,7 @@ pub struct Datapath {
 /// Typed handles on the pinned maps, moved to the reconciler.
 pub struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    maglev: HashMap<MapData, MaglevKey, u32>,
+    maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     backends: HashMap<MapData, u32, Backend>,
 }
 
@@ -69,13 +72,19 @@ pub struct StatsReader {
 }
 
 impl Datapath {
-    pub fn load(pin_dir: &Path, caps: Capacities) -> Result<(Self, Maps, StatsReader), DatapathError> {
+    pub fn load(
+        pin_dir: &Path,
+        caps: Capacities,
+    ) -> Result<(Self, Maps, StatsReader), DatapathError> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
+        // BTF map definitions carry no pinning attribute, so the Maglev map is pinned by explicit path.
+        let maglev_pin = pin_dir.join(MAP_MAGLEV);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_pin_path(MAP_MAGLEV, maglev_pin.as_path())
             .map_max_entries(MAP_SERVICES, caps.services)
             .map_max_entries(MAP_BACKENDS, caps.backends)
-            .map_max_entries(MAP_MAGLEV, caps.maglev_slots)
+            .map_max_entries(MAP_MAGLEV, caps.maglev_tables)
             .map_max_entries(MAP_CONNTRACK, caps.conntrack)
             .load(object)
             .map_err(|source| DatapathError::Load {
@@ -100,7 +109,12 @@ impl Datapath {
 
         let maps = Maps {
             services: take_map(&mut ebpf, MAP_SERVICES)?,
-            maglev: take_map(&mut ebpf, MAP_MAGLEV)?,
+            maglev: HashOfMaps::try_from(take_raw(&mut ebpf, MAP_MAGLEV)?).map_err(|source| {
+                DatapathError::Map {
+                    name: MAP_MAGLEV,
+                    source,
+                }
+            })?,
             backends: take_map(&mut ebpf, MAP_BACKENDS)?,
         };
         let stats = StatsReader {
@@ -188,7 +202,8 @@ impl Datapath {
 }
 
 fn take_raw(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
-    ebpf.take_map(name).ok_or(DatapathError::Missing { what: "map", name })
+    ebpf.take_map(name)
+        .ok_or(DatapathError::Missing { what: "map", name })
 }
 
 fn take_map<K: aya::Pod, V: aya::Pod>(
@@ -221,12 +236,7 @@ impl Maps {
         Adopted {
             services: self.services.iter().filter_map(Result::ok).collect(),
             backends: self.backends.iter().filter_map(Result::ok).collect(),
-            slots: self
-                .maglev
-                .keys()
-                .filter_map(Result::ok)
-                .map(|k| (k.table_id, k.slot))
-                .collect(),
+            tables: self.maglev.keys().filter_map(Result::ok).collect(),
         }
     }
 }
@@ -242,15 +252,30 @@ impl MapWriter for Maps {
         ignore_missing(self.backends.remove(&id)).map_err(|e| map_error(MAP_BACKENDS, "delete", e))
     }
 
-    fn put_slot(&mut self, table_id: u32, slot: u32, backend_id: u32) -> Result<(), MapError> {
+    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError> {
+        let size = u32::try_from(slots.len()).map_err(|_| MapError {
+            map: MAP_MAGLEV,
+            op: "create table",
+            message: format!("{} slots do not fit a u32 index", slots.len()),
+        })?;
+        // The flags must equal the template's for the kernel to accept the table as an inner map.
+        let mut table = Array::<MapData, u32>::create(size, MAGLEV_TABLE_FLAGS)
+            .map_err(|e| map_error(MAP_MAGLEV, "create table", e))?;
+        for (slot, backend_id) in slots.iter().enumerate() {
+            table
+                .set(slot as u32, backend_id, 0)
+                .map_err(|e| map_error(MAP_MAGLEV, "fill table", e))?;
+        }
+        // Only now, complete, does the table become reachable; dropping our fd leaves the map's
+        // reference as the only one, so deleting the entry later frees it.
         self.maglev
-            .insert(MaglevKey { table_id, slot }, backend_id, 0)
-            .map_err(|e| map_error(MAP_MAGLEV, "insert", e))
+            .insert(table_id, &table, 0)
+            .map_err(|e| map_error(MAP_MAGLEV, "insert table", e))
     }
 
-    fn delete_slot(&mut self, table_id: u32, slot: u32) -> Result<(), MapError> {
-        ignore_missing(self.maglev.remove(&MaglevKey { table_id, slot }))
-            .map_err(|e| map_error(MAP_MAGLEV, "delete", e))
+    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError> {
+        ignore_missing(self.maglev.remove(&table_id))
+            .map_err(|e| map_error(MAP_MAGLEV, "delete table", e))
     }
 
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {

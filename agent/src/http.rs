@@ -2,7 +2,9 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::atomic::Ordering};
 
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, header, server::conn::http1, service::service_fn};
+use hyper::{
+    Request, Response, StatusCode, body::Bytes, header, server::conn::http1, service::service_fn,
+};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
@@ -18,12 +20,18 @@ pub enum Endpoint {
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     resp
 }
 
-fn handle(kind: Endpoint, metrics: &Metrics, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn handle(
+    kind: Endpoint,
+    metrics: &Metrics,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     match (kind, req.uri().path()) {
         (Endpoint::Health, "/healthz" | "/livez") => {
             let synced = metrics.synced.load(Ordering::Relaxed);
@@ -41,7 +49,11 @@ fn handle(kind: Endpoint, metrics: &Metrics, req: &Request<hyper::body::Incoming
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.render(),
         ),
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
     }
 }
 
@@ -59,7 +71,10 @@ pub async fn serve(addr: SocketAddr, kind: Endpoint, metrics: Arc<Metrics>) -> s
                     let resp = handle(kind, &metrics, &req);
                     async move { Ok::<_, Infallible>(resp) }
                 });
-                if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
                     debug!(%peer, "http connection: {e}");
                 }
             });

@@ -18,8 +18,15 @@ use tracing::warn;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
-    Present { index: u32, name: String },
-    Gone { index: u32 },
+    Present {
+        index: u32,
+        name: String,
+    },
+    Gone {
+        index: u32,
+    },
+    /// Every interface present at start has been reported.
+    InitialDumpDone,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +52,12 @@ fn link_name(msg: &LinkMessage) -> Option<&str> {
 
 /// Sends a `Present` for every existing interface with `prefix`, then one per change until `tx` closes.
 /// Subscribes before dumping so no interface created in between is missed (duplicates are harmless).
-pub async fn watch_pod_links(prefix: String, tx: mpsc::Sender<LinkEvent>) -> Result<(), LinksError> {
-    let (mut conn, handle, mut messages) = rtnetlink::new_connection().map_err(LinksError::Socket)?;
+pub async fn watch_pod_links(
+    prefix: String,
+    tx: mpsc::Sender<LinkEvent>,
+) -> Result<(), LinksError> {
+    let (mut conn, handle, mut messages) =
+        rtnetlink::new_connection().map_err(LinksError::Socket)?;
     conn.socket_mut()
         .socket_mut()
         .bind(&SocketAddr::new(0, RTMGRP_LINK))
@@ -67,6 +78,10 @@ pub async fn watch_pod_links(prefix: String, tx: mpsc::Sender<LinkEvent>) -> Res
                 return Ok(());
             }
         }
+    }
+
+    if tx.send(LinkEvent::InitialDumpDone).await.is_err() {
+        return Ok(());
     }
 
     while let Some((msg, _)) = messages.next().await {

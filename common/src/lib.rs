@@ -6,7 +6,8 @@
 
 /// Frontends (ClusterIP:port/proto) → which Maglev table serves them.
 pub const MAP_SERVICES: &str = "WEIR_SERVICES";
-/// (table id, slot) → backend id. One table per service port, swapped by writing a new table id.
+/// Hash of maps: table id → that frontend's Maglev table, an array of backend ids (one per slot). A
+/// table is swapped by inserting a new one under a fresh id and switching the frontend to it.
 pub const MAP_MAGLEV: &str = "WEIR_MAGLEV";
 /// Backend id → backend address.
 pub const MAP_BACKENDS: &str = "WEIR_BACKENDS";
@@ -18,9 +19,14 @@ pub const MAP_STATS: &str = "WEIR_STATS";
 /// Name of the TC program attached to the node side of pod interfaces.
 pub const PROG_POD_INGRESS: &str = "weir_pod_ingress";
 
+/// `BPF_F_INNER_MAP`: set on the Maglev inner-map template and on every table the agent creates, so
+/// tables of different sizes are accepted as values of the same outer map.
+pub const MAGLEV_TABLE_FLAGS: u32 = 0x1000;
+
 pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65_536;
-pub const DEFAULT_MAGLEV_MAX: u32 = 1 << 22;
+/// Maglev tables alive at once: one per frontend with backends, plus room for tables being swapped in.
+pub const DEFAULT_MAGLEV_TABLES_MAX: u32 = DEFAULT_SERVICES_MAX + 1024;
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 
 pub const PROTO_TCP: u8 = 6;
@@ -75,20 +81,13 @@ pub struct ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Key prefix of this frontend's Maglev table in `MAP_MAGLEV`.
+    /// Key of this frontend's Maglev table in `MAP_MAGLEV`.
     pub table_id: u32,
     /// Number of slots (a prime); 0 when the service has no backend.
     pub table_size: u32,
     pub backend_count: u32,
     /// `SVC_FLAG_*`.
     pub flags: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct MaglevKey {
-    pub table_id: u32,
-    pub slot: u32,
 }
 
 #[repr(C)]
@@ -128,7 +127,6 @@ pub struct CtValue {
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
-const _: () = assert!(core::mem::size_of::<MaglevKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
@@ -139,7 +137,6 @@ mod pod {
     // SAFETY: every type is repr(C), made only of integers, with all padding spelled out as fields.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}

@@ -17,9 +17,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    CT_FORWARD, CT_REVERSE, CtKey, CtValue, MaglevKey, SVC_FLAG_REJECT, STAT_DROP_NO_BACKEND,
-    STAT_DROP_REWRITE_FAILED, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE,
-    STAT_PASS_UNPARSED, STAT_REVERSE_NAT, ServiceKey,
+    CT_FORWARD, CT_REVERSE, CtKey, CtValue, STAT_DROP_NO_BACKEND, STAT_DROP_REWRITE_FAILED,
+    STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE, STAT_PASS_UNPARSED,
+    STAT_REVERSE_NAT, SVC_FLAG_REJECT, ServiceKey,
 };
 
 use crate::{
@@ -85,16 +85,12 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     }
 
     let slot = flow::hash(&flow) % svc.table_size;
-    let maglev_key = MaglevKey {
-        table_id: svc.table_id,
-        slot,
-    };
-    let Some(backend_id) = MAGLEV.get_ptr(&maglev_key) else {
+    // SAFETY: tables are arrays (never deleted element-wise) and a swapped-out table stays alive while
+    // any program holds a reference to it, so the slot read is a valid u32.
+    let Some(&backend_id) = (unsafe { MAGLEV.get_value(&svc.table_id, &slot) }) else {
         count(STAT_DROP_NO_BACKEND);
         return Ok(TC_ACT_SHOT as i32);
     };
-    // SAFETY: pointer from a successful lookup of a u32 value.
-    let backend_id = unsafe { *backend_id };
     let Some(backend) = BACKENDS.get_ptr(&backend_id) else {
         count(STAT_DROP_NO_BACKEND);
         return Ok(TC_ACT_SHOT as i32);

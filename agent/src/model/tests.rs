@@ -1,1 +1,139 @@
+use super::*;
 
+fn service(yaml: &str) -> Service {
+    serde_yaml::from_str(yaml).expect("test YAML parses")
+}
+
+fn slice(yaml: &str) -> EndpointSlice {
+    serde_yaml::from_str(yaml).expect("test YAML parses")
+}
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ports:
+  - {name: http, port: 80, protocol: TCP, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+"#;
+
+const WEB_SLICE: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.0.0.1]
+  conditions: {ready: true}
+- addresses: [10.0.0.2]
+- addresses: [10.0.0.3]
+  conditions: {ready: false}
+"#;
+
+#[test]
+fn service_and_slice_yield_one_frontend_per_port_with_ready_backends() {
+    let svc = ServiceSpec::from_k8s(&service(WEB))
+        .expect("valid")
+        .expect("ours");
+    let sl = SliceSpec::from_k8s(&slice(WEB_SLICE))
+        .expect("valid")
+        .expect("ours");
+    let d = desired([&svc], [&sl]);
+    assert_eq!(d.frontends.len(), 2);
+    let http = &d.frontends[&Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, 10),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }];
+    let ips: Vec<String> = http.backends.iter().map(ToString::to_string).collect();
+    // A nil `ready` counts as ready; ready: false is left out.
+    assert_eq!(ips, ["10.0.0.1:8080/TCP", "10.0.0.2:8080/TCP"]);
+    let dns = &d.frontends[&Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, 10),
+        port: 53,
+        protocol: Protocol::Udp,
+    }];
+    assert!(
+        dns.backends
+            .iter()
+            .all(|b| b.port == 5353 && b.protocol == Protocol::Udp)
+    );
+    assert_eq!(dns.service.to_string(), "shop/web");
+}
+
+#[test]
+fn service_without_slices_has_a_rejecting_frontend() {
+    let svc = ServiceSpec::from_k8s(&service(WEB))
+        .expect("valid")
+        .expect("ours");
+    let d = desired([&svc], []);
+    assert_eq!(d.frontends.len(), 2);
+    assert!(d.frontends.values().all(|f| f.backends.is_empty()));
+}
+
+#[test]
+fn slices_of_other_services_or_namespaces_do_not_match() {
+    let svc = ServiceSpec::from_k8s(&service(WEB))
+        .expect("valid")
+        .expect("ours");
+    let other_ns = SliceSpec::from_k8s(&slice(
+        &WEB_SLICE.replace("namespace: shop", "namespace: other"),
+    ))
+    .expect("valid")
+    .expect("ours");
+    let d = desired([&svc], [&other_ns]);
+    assert!(d.frontends.values().all(|f| f.backends.is_empty()));
+}
+
+#[test]
+fn invalid_fields_are_named() {
+    let bad_ip = service(
+        &WEB.replace("clusterIP: 10.96.0.10\n", "clusterIP: not-an-ip\n")
+            .replace("  clusterIPs: [10.96.0.10]\n", ""),
+    );
+    let e = ServiceSpec::from_k8s(&bad_ip).expect_err("invalid");
+    assert_eq!(e.field, "spec.clusterIP");
+
+    let bad_port = service(&WEB.replace("port: 80,", "port: 70000,"));
+    assert_eq!(
+        ServiceSpec::from_k8s(&bad_port).expect_err("invalid").field,
+        "spec.ports[0].port"
+    );
+
+    let dup = service(&WEB.replace("port: 53, protocol: UDP", "port: 80, protocol: TCP"));
+    assert_eq!(
+        ServiceSpec::from_k8s(&dup).expect_err("invalid").field,
+        "spec.ports[1].port"
+    );
+
+    let bad_ep = slice(&WEB_SLICE.replace("[10.0.0.2]", "[10.0.0.999]"));
+    assert_eq!(
+        SliceSpec::from_k8s(&bad_ep).expect_err("invalid").field,
+        "endpoints[1].addresses[0]"
+    );
+}
+
+#[test]
+fn services_that_are_not_ours_are_skipped() {
+    let headless = service(
+        &WEB.replace("clusterIP: 10.96.0.10", "clusterIP: None")
+            .replace("clusterIPs: [10.96.0.10]", "clusterIPs: [None]"),
+    );
+    assert_eq!(ServiceSpec::from_k8s(&headless), Ok(None));
+    let external = service(&WEB.replace(
+        "spec:\n",
+        "spec:\n  type: ExternalName\n  externalName: example.org\n",
+    ));
+    assert_eq!(ServiceSpec::from_k8s(&external), Ok(None));
+    let other_proxy = service(&WEB.replace(
+        "namespace: shop}",
+        "namespace: shop, labels: {service.kubernetes.io/service-proxy-name: other}}",
+    ));
+    assert_eq!(ServiceSpec::from_k8s(&other_proxy), Ok(None));
+}

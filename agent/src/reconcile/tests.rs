@@ -1,1 +1,221 @@
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
 
+use super::*;
+use crate::model::{FrontendState, NsName, Protocol};
+
+/// In-memory maps with an optional slot capacity, to drive the failure paths.
+#[derive(Default)]
+struct FakeMaps {
+    services: HashMap<ServiceKey, ServiceValue>,
+    tables: BTreeMap<u32, Vec<u32>>,
+    backends: HashMap<u32, Backend>,
+    table_capacity: Option<usize>,
+}
+
+impl MapWriter for FakeMaps {
+    fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError> {
+        self.backends.insert(id, backend);
+        Ok(())
+    }
+    fn delete_backend(&mut self, id: u32) -> Result<(), MapError> {
+        self.backends.remove(&id);
+        Ok(())
+    }
+    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError> {
+        if self.table_capacity.is_some_and(|c| self.tables.len() >= c) {
+            return Err(MapError {
+                map: "maglev",
+                op: "insert",
+                message: "full".into(),
+            });
+        }
+        self.tables.insert(table_id, slots.to_vec());
+        Ok(())
+    }
+    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError> {
+        self.tables.remove(&table_id);
+        Ok(())
+    }
+    fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
+        self.services.insert(key, value);
+        Ok(())
+    }
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
+        self.services.remove(&key);
+        Ok(())
+    }
+}
+
+impl FakeMaps {
+    /// Which backend addresses a frontend's table sends traffic to, with slot counts.
+    fn shares(&self, f: &Frontend) -> BTreeMap<Ipv4Addr, usize> {
+        let v = self.services[&service_key(f)];
+        let mut out = BTreeMap::new();
+        let table = &self.tables[&v.table_id];
+        assert_eq!(table.len(), v.table_size as usize);
+        for &id in table {
+            let ip = Ipv4Addr::from(u32::from_be(self.backends[&id].addr_be));
+            *out.entry(ip).or_default() += 1;
+        }
+        out
+    }
+}
+
+fn frontend(last: u8) -> Frontend {
+    Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, last),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn desired(entries: &[(Frontend, &[u8])]) -> Desired {
+    let mut d = Desired::default();
+    for (f, backends) in entries {
+        d.frontends.insert(
+            *f,
+            FrontendState {
+                service: NsName {
+                    namespace: "default".into(),
+                    name: format!("svc-{}", f.ip),
+                },
+                port_name: "http".into(),
+                backends: backends
+                    .iter()
+                    .map(|b| BackendAddr {
+                        ip: Ipv4Addr::new(10, 0, 0, *b),
+                        port: 8080,
+                        protocol: Protocol::Tcp,
+                    })
+                    .collect(),
+            },
+        );
+    }
+    d
+}
+
+#[test]
+fn programs_tables_and_swaps_them_whole_on_change() {
+    let mut r = Reconciler::new(FakeMaps::default());
+    let f = frontend(10);
+    let report = r.sync(&desired(&[(f, &[1, 2, 3])]));
+    assert_eq!(
+        report,
+        SyncReport {
+            frontends_written: 1,
+            frontends_deleted: 0,
+            errors: 0
+        }
+    );
+    let first = r.writer().services[&service_key(&f)];
+    assert_eq!(first.backend_count, 3);
+    assert_eq!(r.writer().shares(&f).len(), 3);
+    assert_eq!(r.writer().tables.len(), 1);
+
+    // Unchanged input writes nothing.
+    assert_eq!(r.sync(&desired(&[(f, &[1, 2, 3])])).frontends_written, 0);
+
+    r.sync(&desired(&[(f, &[1, 2])]));
+    let second = r.writer().services[&service_key(&f)];
+    assert_ne!(
+        first.table_id, second.table_id,
+        "a new table id, switched in one write"
+    );
+    assert_eq!(
+        r.writer().tables.keys().copied().collect::<Vec<_>>(),
+        [second.table_id],
+        "old table deleted"
+    );
+    assert_eq!(
+        r.writer().shares(&f).keys().copied().collect::<Vec<_>>(),
+        [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)]
+    );
+    assert_eq!(
+        r.writer().backends.len(),
+        2,
+        "backend 3 removed once unreferenced"
+    );
+}
+
+#[test]
+fn no_backends_means_reject_and_removal_cleans_everything() {
+    let mut r = Reconciler::new(FakeMaps::default());
+    let (a, b) = (frontend(10), frontend(11));
+    r.sync(&desired(&[(a, &[1]), (b, &[])]));
+    let vb = r.writer().services[&service_key(&b)];
+    assert_eq!(vb.flags & SVC_FLAG_REJECT, SVC_FLAG_REJECT);
+    assert_eq!(vb.table_size, 0);
+
+    let report = r.sync(&desired(&[]));
+    assert_eq!(report.frontends_deleted, 2);
+    let w = r.writer();
+    assert!(w.services.is_empty() && w.tables.is_empty() && w.backends.is_empty());
+}
+
+#[test]
+fn a_full_map_keeps_the_previous_table_and_other_services() {
+    let mut r = Reconciler::new(FakeMaps::default());
+    let (a, b) = (frontend(10), frontend(11));
+    r.sync(&desired(&[(a, &[1, 2])]));
+    let before = r.writer().services[&service_key(&a)];
+    // Room for a's current table only: b's table and a's replacement cannot fit.
+    let used = r.writer().tables.len();
+    r.writer.table_capacity = Some(used);
+    let report = r.sync(&desired(&[(a, &[1, 2, 3]), (b, &[4])]));
+    assert_eq!(report.errors, 2);
+    assert_eq!(
+        r.writer().services[&service_key(&a)],
+        before,
+        "a keeps serving from its old table"
+    );
+    assert!(!r.writer().services.contains_key(&service_key(&b)));
+    assert_eq!(
+        r.writer().tables.len(),
+        used,
+        "no partial table left behind"
+    );
+
+    // Room appears: the next sync programs both.
+    r.writer.table_capacity = None;
+    let report = r.sync(&desired(&[(a, &[1, 2, 3]), (b, &[4])]));
+    assert_eq!(report.errors, 0);
+    assert_eq!(r.writer().shares(&a).len(), 3);
+    assert_eq!(r.writer().shares(&b).len(), 1);
+}
+
+#[test]
+fn adoption_keeps_backend_ids_and_prunes_orphan_tables() {
+    let mut first = Reconciler::new(FakeMaps::default());
+    let (a, b) = (frontend(10), frontend(11));
+    first.sync(&desired(&[(a, &[1, 2]), (b, &[3])]));
+    let maps = first.writer;
+    let ids: BTreeMap<u32, Backend> = maps.backends.iter().map(|(k, v)| (*k, *v)).collect();
+    let adopted = Adopted {
+        services: maps.services.iter().map(|(k, v)| (*k, *v)).collect(),
+        backends: ids.iter().map(|(k, v)| (*k, *v)).collect(),
+        tables: maps.tables.keys().copied().collect(),
+    };
+    // A leftover table nobody references, as after a crash between writing and switching.
+    let mut maps = maps;
+    maps.tables.insert(999, vec![1]);
+    let mut adopted = adopted;
+    adopted.tables.push(999);
+
+    let mut second = Reconciler::adopt(maps, adopted);
+    second.sync(&desired(&[(a, &[1, 2])]));
+    let w = second.writer();
+    assert!(!w.services.contains_key(&service_key(&b)));
+    let live = w.services[&service_key(&a)].table_id;
+    assert_eq!(
+        w.tables.keys().copied().collect::<Vec<_>>(),
+        [live],
+        "orphan and replaced tables pruned"
+    );
+    for (id, backend) in &w.backends {
+        assert_eq!(ids.get(id), Some(backend), "backend ids survive a restart");
+    }
+    assert_eq!(w.backends.len(), 2);
+}
