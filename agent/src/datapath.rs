@@ -31,7 +31,7 @@ pub enum DatapathError {
     Load {
         pin_dir: String,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("eBPF object has no {what} named {name}")]
     Missing {
@@ -89,7 +89,7 @@ impl Datapath {
             .load(object)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.display().to_string(),
-                source,
+                source: Box::new(source),
             })?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(PROG_POD_INGRESS)

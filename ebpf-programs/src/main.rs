@@ -34,14 +34,14 @@ pub fn weir_pod_ingress(ctx: TcContext) -> i32 {
     match try_pod_ingress(&ctx) {
         Ok(action) => action,
         // Fail open on what we cannot parse: it is not ours to drop.
-        Err(()) => TC_ACT_OK as i32,
+        Err(()) => TC_ACT_OK,
     }
 }
 
 fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let Some(flow) = packet::parse_ipv4(ctx) else {
         count(STAT_PASS_UNPARSED);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
 
     let ct_key = CtKey {
@@ -52,7 +52,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         proto: flow.proto,
         pad: [0; 3],
     };
-    if let Some(entry) = CONNTRACK.get_ptr(&ct_key) {
+    if let Some(entry) = CONNTRACK.get_ptr(ct_key) {
         // SAFETY: the pointer comes from a successful lookup and CtValue is plain data; a concurrent
         // update can at worst give a stale copy, which the checks below tolerate.
         let entry = unsafe { *entry };
@@ -73,9 +73,9 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         proto: flow.proto,
         pad: 0,
     };
-    let Some(svc) = SERVICES.get_ptr(&svc_key) else {
+    let Some(svc) = SERVICES.get_ptr(svc_key) else {
         count(STAT_PASS_NOT_SERVICE);
-        return Ok(TC_ACT_OK as i32);
+        return Ok(TC_ACT_OK);
     };
     // SAFETY: pointer from a successful lookup; ServiceValue is plain data and the agent replaces
     // entries whole (one update per frontend), so the copy is a consistent value.
@@ -89,11 +89,11 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // any program holds a reference to it, so the slot read is a valid u32.
     let Some(&backend_id) = (unsafe { MAGLEV.get_value(&svc.table_id, &slot) }) else {
         count(STAT_DROP_NO_BACKEND);
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(TC_ACT_SHOT);
     };
-    let Some(backend) = BACKENDS.get_ptr(&backend_id) else {
+    let Some(backend) = BACKENDS.get_ptr(backend_id) else {
         count(STAT_DROP_NO_BACKEND);
-        return Ok(TC_ACT_SHOT as i32);
+        return Ok(TC_ACT_SHOT);
     };
     // SAFETY: pointer from a successful lookup; Backend is plain data.
     let backend = unsafe { *backend };
@@ -124,15 +124,15 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     };
     // An LRU insert only fails on allocation failure; the packet is still translated, and the next
     // packet of the flow picks the same backend from the same Maglev table.
-    let _ = CONNTRACK.insert(&reverse_key, &reverse, 0);
-    let _ = CONNTRACK.insert(&ct_key, &forward, 0);
+    let _ = CONNTRACK.insert(reverse_key, reverse, 0);
+    let _ = CONNTRACK.insert(ct_key, forward, 0);
     count(STAT_FWD_NEW);
     rewrite_or_drop(nat::dnat(ctx, &flow, backend.addr_be, backend.port_be))
 }
 
 /// A forward entry may outlive its backend (removed from the Service); its id may even have been reused.
 fn backend_still_valid(entry: &CtValue) -> bool {
-    match BACKENDS.get_ptr(&entry.backend_id) {
+    match BACKENDS.get_ptr(entry.backend_id) {
         // SAFETY: pointer from a successful lookup; Backend is plain data.
         Some(b) => {
             let b = unsafe { *b };
@@ -144,11 +144,11 @@ fn backend_still_valid(entry: &CtValue) -> bool {
 
 fn rewrite_or_drop(result: Result<(), i64>) -> Result<i32, ()> {
     match result {
-        Ok(()) => Ok(TC_ACT_OK as i32),
+        Ok(()) => Ok(TC_ACT_OK),
         Err(_) => {
             // A half-rewritten packet must never leave: its checksum or address would be wrong.
             count(STAT_DROP_REWRITE_FAILED);
-            Ok(TC_ACT_SHOT as i32)
+            Ok(TC_ACT_SHOT)
         }
     }
 }

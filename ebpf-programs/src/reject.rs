@@ -27,7 +27,7 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
     // Headers with IPv4 options are rare from pods; building replies for them is not worth the code.
     if flow.ihl != IPV4_MIN_HLEN {
         count(STAT_DROP_REJECT_FAILED);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     let built = if flow.proto == PROTO_TCP {
         tcp_rst(ctx).map(|sent| (sent, STAT_REJECT_TCP))
@@ -43,10 +43,10 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
         // An incoming RST is never answered.
-        Ok((false, _)) => TC_ACT_SHOT as i32,
+        Ok((false, _)) => TC_ACT_SHOT,
         Err(_) => {
             count(STAT_DROP_REJECT_FAILED);
-            TC_ACT_SHOT as i32
+            TC_ACT_SHOT
         }
     }
 }

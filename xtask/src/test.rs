@@ -1,7 +1,7 @@
 //! `cargo xtask test`: the whole suite, as CI runs it.
 //!
 //! setup, then `cargo fmt --check`, the release build of the agent (which builds the eBPF object),
-//! clippy with warnings denied, the unit tests of the default members, and the privileged
+//! clippy with warnings denied (userspace, then the eBPF crate on nightly), the unit tests of the default members, and the privileged
 //! integration tests in `tests/` against the built agent. After the build every step runs even if
 //! an earlier one failed; the summary names the failed ones and the exit status is non-zero.
 
@@ -41,15 +41,38 @@ pub fn run(args: &Args) -> Result<()> {
     }
 
     let mut clippy = cmd::cargo()?;
+    // Every userspace crate, the privileged tests included; the eBPF crate gets its own pass below.
     clippy.args([
         "clippy",
         "--release",
+        "--workspace",
+        "--exclude",
+        "weir-ebpf",
         "--all-targets",
         "--",
         "-D",
         "warnings",
     ]);
     step(&mut outcomes, "clippy", &mut clippy);
+
+    let mut clippy_ebpf = cmd::nightly("cargo");
+    clippy_ebpf
+        .current_dir(cmd::workspace_root()?)
+        .env("PATH", cmd::path_with_tools()?)
+        .args([
+            "clippy",
+            "--release",
+            "-p",
+            "weir-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+    step(&mut outcomes, "clippy (eBPF)", &mut clippy_ebpf);
 
     let mut unit = cmd::cargo()?;
     unit.args(["test", "--release"]);
