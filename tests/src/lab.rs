@@ -210,6 +210,10 @@ impl Lab {
         ip(&["-n", node, "link", "set", &iface, "up"])?;
         ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        // Pods put complete checksums on the wire (no offload to a veth that would never compute them),
+        // so every receiver verifies them: a translation that breaks a checksum makes tests fail.
+        netns::run("ip", &["netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"])?;
+        netns::run("ip", &["netns", "exec", node, "ethtool", "-K", &iface, "tx", "off"])?;
         ip(&[
             "-n", &ns, "route", "add", &gw, "dev", "eth0", "scope", "link",
         ])?;
