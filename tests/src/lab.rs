@@ -212,8 +212,14 @@ impl Lab {
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         // Pods put complete checksums on the wire (no offload to a veth that would never compute them),
         // so every receiver verifies them: a translation that breaks a checksum makes tests fail.
-        netns::run("ip", &["netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"])?;
-        netns::run("ip", &["netns", "exec", node, "ethtool", "-K", &iface, "tx", "off"])?;
+        netns::run(
+            "ip",
+            &["netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"],
+        )?;
+        netns::run(
+            "ip",
+            &["netns", "exec", node, "ethtool", "-K", &iface, "tx", "off"],
+        )?;
         ip(&[
             "-n", &ns, "route", "add", &gw, "dev", "eth0", "scope", "link",
         ])?;
