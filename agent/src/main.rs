@@ -1,18 +1,8 @@
 //! `weir-agent`: the node agent. Flags in `cli`, the run loop in `agent`.
-mod agent;
-mod bpffs;
-mod cli;
-mod datapath;
-mod http;
-mod links;
-mod maglev;
-mod metrics;
-mod model;
-mod reconcile;
-mod standalone;
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
+use weir_agent::{agent, cli};
 
 fn main() -> anyhow::Result<()> {
     let args = cli::Args::parse();

@@ -1,0 +1,15 @@
+//! The Weir node agent as a library: the `weir-agent` binary runs [`agent::run`]; the `weir` CLI and the
+//! tests use the map types, the model and the state endpoint's types from here.
+pub mod agent;
+pub mod bpffs;
+pub mod cli;
+pub mod datapath;
+pub mod http;
+pub mod kube_source;
+pub mod links;
+pub mod maglev;
+pub mod metrics;
+pub mod model;
+pub mod reconcile;
+pub mod standalone;
+pub mod state;
