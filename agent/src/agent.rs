@@ -1,7 +1,7 @@
-//! The agent's run loop: wires the config source, the reconciler, link events and the HTTP endpoints, and
-//! detaches everything on SIGTERM.
+//! The agent's run loop: wires a config source (YAML directory or Kubernetes), the reconciler, link
+//! events and the HTTP endpoints, and detaches everything on SIGTERM.
 use std::{
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -15,25 +15,59 @@ use tracing::{error, info, warn};
 use crate::{
     bpffs,
     cli::Args,
-    datapath::{Capacities, Datapath},
+    datapath::{Capacities, Datapath, Maps},
     http::{self, Endpoint},
+    kube_source,
     links::{self, LinkEvent},
     metrics::Metrics,
-    model,
+    model::{self, SourceUpdate},
     reconcile::Reconciler,
-    standalone::{self, Snapshot},
+    standalone,
+    state::{AgentState, FrontendInfo},
 };
 
 /// After a sync with failed map operations, try again this soon.
 const RETRY_AFTER_ERRORS: Duration = Duration::from_secs(1);
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    if !args.config_dir.is_dir() {
-        bail!(
-            "--config-dir {}: not a directory",
-            args.config_dir.display()
-        );
+enum Source {
+    Dir(std::path::PathBuf),
+    Kubernetes(kube::Config),
+}
+
+async fn source(args: &Args) -> anyhow::Result<Source> {
+    if let Some(dir) = &args.config_dir {
+        if !dir.is_dir() {
+            bail!("--config-dir {}: not a directory", dir.display());
+        }
+        return Ok(Source::Dir(dir.clone()));
     }
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "no --config-dir or --kubeconfig given, and not running in a cluster (in-cluster config unavailable)",
+        )?,
+    };
+    Ok(Source::Kubernetes(config))
+}
+
+fn node_name(args: &Args) -> String {
+    args.node_name.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default()
+    })
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let source = source(&args).await?;
+    let node_name = node_name(&args);
     for iface in &args.external_ifaces {
         nix::net::if_::if_nametoindex(iface.as_str())
             .with_context(|| format!("--external-iface {iface}: no such interface"))?;
@@ -45,7 +79,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.node_ips.clone()
     };
-    info!(?node_ips, external_ifaces = ?args.external_ifaces, "node");
+    info!(node = %node_name, ?node_ips, external_ifaces = ?args.external_ifaces, "node");
 
     if bpffs::ensure(&args.bpffs_dir)? {
         info!(dir = %args.bpffs_dir.display(), "mounted bpffs");
@@ -57,8 +91,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         conntrack: args.max_conntrack,
     };
     let (mut datapath, maps, stats) = Datapath::load(&args.bpffs_dir, caps)?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(args.healthz_timeout));
     metrics.set_stats_reader(stats);
+    metrics.set_state(AgentState {
+        node_name: node_name.clone(),
+        bpffs_dir: args.bpffs_dir.display().to_string(),
+        ..AgentState::default()
+    });
     http::serve(args.health_addr, Endpoint::Health, metrics.clone())
         .await
         .with_context(|| format!("--health-addr {}", args.health_addr))?;
@@ -71,22 +110,38 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         info!(
             frontends = adopted.services.len(),
             backends = adopted.backends.len(),
+            tables = adopted.tables.len(),
             "adopting state from pinned maps"
         );
     }
     let mut reconciler = Reconciler::adopt(maps, adopted);
 
-    let (snap_tx, mut snap_rx) = watch::channel::<Option<Snapshot>>(None);
+    let (update_tx, mut update_rx) = watch::channel::<Option<SourceUpdate>>(None);
     let config_errors = metrics.config_errors.clone();
-    let dir = args.config_dir.clone();
-    tokio::spawn(async move {
-        let count = move |n: usize| {
-            config_errors.inc_by(n as u64);
-        };
-        if let Err(e) = standalone::watch_dir(dir, snap_tx, count).await {
-            error!("config source stopped: {e:#}");
+    let count = move |n: usize| {
+        config_errors.inc_by(n as u64);
+    };
+    match source {
+        Source::Dir(dir) => {
+            info!(dir = %dir.display(), "standalone mode");
+            tokio::spawn(async move {
+                if let Err(e) = standalone::watch_dir(dir, update_tx, count).await {
+                    error!("config source stopped: {e:#}");
+                }
+            });
         }
-    });
+        Source::Kubernetes(config) => {
+            info!(server = %config.cluster_url, "kubernetes mode");
+            let client =
+                kube::Client::try_from(config).context("building the Kubernetes client")?;
+            let node = node_name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = kube_source::run(client, node, update_tx, count).await {
+                    error!("kubernetes source stopped: {e:#}");
+                }
+            });
+        }
+    }
 
     let (link_tx, mut link_rx) = mpsc::channel(256);
     let (link_err_tx, mut link_err_rx) = mpsc::channel::<String>(1);
@@ -103,31 +158,46 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    let mut snapshot: Option<Snapshot> = None;
+    let mut update: Option<SourceUpdate> = None;
+    // A sync is due at this time (coalescing changes, or retrying after errors).
+    let mut sync_at: Option<tokio::time::Instant> = None;
+    let mut last_sync: Option<tokio::time::Instant> = None;
 
     loop {
-        let retry = async {
-            match retry_at {
+        let due = async {
+            match sync_at {
                 Some(t) => tokio::time::sleep_until(t).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            changed = snap_rx.changed() => {
+            changed = update_rx.changed() => {
                 if changed.is_err() {
                     warn!("config source ended; keeping the last programmed state");
-                    // Keep serving; only signals end the agent now.
-                    snap_rx = watch::channel(None).1;
+                    update_rx = watch::channel(None).1;
                     continue;
                 }
-                snapshot = snap_rx.borrow_and_update().clone();
-                retry_at = sync(&mut reconciler, snapshot.as_ref(), &metrics);
-                first_sync_done |= snapshot.is_some();
-                metrics.synced.store(first_sync_done && links_ready, Ordering::Relaxed);
+                update = update_rx.borrow_and_update().clone();
+                if update.is_some() {
+                    metrics.mark_pending();
+                    // kube-proxy's min-sync-period: never sync more often than this; changes in between
+                    // wait and are programmed together.
+                    let earliest = last_sync
+                        .map_or_else(tokio::time::Instant::now, |t| t + args.min_sync_period);
+                    sync_at = Some(sync_at.map_or(earliest, |t| t.min(earliest)));
+                }
             }
-            () = retry => {
-                retry_at = sync(&mut reconciler, snapshot.as_ref(), &metrics);
+            () = due => {
+                sync_at = None;
+                if let Some(u) = &update {
+                    let errors = sync(&mut reconciler, u, &metrics);
+                    last_sync = Some(tokio::time::Instant::now());
+                    first_sync_done = true;
+                    metrics.set_synced(first_sync_done && links_ready);
+                    if errors {
+                        sync_at = Some(tokio::time::Instant::now() + RETRY_AFTER_ERRORS);
+                    }
+                }
             }
             ev = link_rx.recv() => match ev {
                 Some(LinkEvent::Present { index, name }) => {
@@ -142,8 +212,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     metrics.attached_interfaces.set(datapath.attached_count() as i64);
                 }
                 Some(LinkEvent::InitialDumpDone) => {
+                    datapath.prune_links();
                     links_ready = true;
-                    metrics.synced.store(first_sync_done && links_ready, Ordering::Relaxed);
+                    metrics.set_synced(first_sync_done && links_ready);
                 }
                 None => {}
             },
@@ -162,18 +233,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One sync; returns when to retry if some map operation failed.
-fn sync(
-    reconciler: &mut Reconciler<crate::datapath::Maps>,
-    snapshot: Option<&Snapshot>,
-    metrics: &Metrics,
-) -> Option<tokio::time::Instant> {
-    let snapshot = snapshot?;
+/// One sync; returns whether some map operation failed (and a retry is due).
+fn sync(reconciler: &mut Reconciler<Maps>, update: &SourceUpdate, metrics: &Metrics) -> bool {
+    let snapshot = &update.snapshot;
     let started = Instant::now();
     let desired = model::desired(snapshot.services.values(), snapshot.slices.values());
     let report = reconciler.sync(&desired);
     let elapsed = started.elapsed();
     metrics.sync_duration.observe(elapsed.as_secs_f64());
+    metrics
+        .programming_latency
+        .observe(update.changed_at.elapsed().as_secs_f64());
     metrics.syncs.inc();
     metrics.sync_errors.inc_by(report.errors as u64);
     metrics
@@ -187,6 +257,31 @@ fn sync(
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0);
     metrics.last_sync_timestamp.set(now);
+    metrics.clear_pending();
+
+    let frontends = desired
+        .frontends
+        .iter()
+        .map(|(f, state)| {
+            let value = reconciler.programmed(&crate::reconcile::service_key(f));
+            FrontendInfo {
+                service: state.service.to_string(),
+                port_name: state.port_name.clone(),
+                ip: f.ip.to_string(),
+                port: f.port,
+                protocol: f.protocol.to_string(),
+                backends: state
+                    .backends
+                    .iter()
+                    .map(|b| format!("{}:{}", b.ip, b.port))
+                    .collect(),
+                table_id: value.filter(|v| v.table_size > 0).map(|v| v.table_id),
+                table_size: value.map_or(0, |v| v.table_size),
+            }
+        })
+        .collect();
+    metrics.update_state(|s| s.frontends = frontends);
+
     info!(
         frontends = desired.frontends.len(),
         written = report.frontends_written,
@@ -195,5 +290,5 @@ fn sync(
         took_us = elapsed.as_micros() as u64,
         "synced"
     );
-    (report.errors > 0).then(|| tokio::time::Instant::now() + RETRY_AFTER_ERRORS)
+    report.errors > 0
 }

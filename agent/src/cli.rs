@@ -1,5 +1,5 @@
 //! Command-line flags of `weir-agent` (names follow kube-proxy's where one exists).
-use std::{net::IpAddr, net::SocketAddr, path::PathBuf};
+use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use weir_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_SERVICES_MAX};
@@ -13,8 +13,27 @@ use weir_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_SERVICES_
 pub struct Args {
     /// Standalone mode: directory of YAML files holding core/v1 Service and discovery.k8s.io/v1
     /// EndpointSlice objects (multi-document); re-applied within 1 s of any change.
-    #[arg(long, value_name = "DIR")]
-    pub config_dir: PathBuf,
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Kubernetes mode: follow the API server named in this kubeconfig. Without this flag and without
+    /// --config-dir, the in-cluster configuration is used (service account of the DaemonSet pod).
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// This node's name (Kubernetes mode: the Node object to watch); default: the host name, as
+    /// kube-proxy's --hostname-override.
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// Least time between two syncs: changes arriving faster are coalesced into one (kube-proxy's
+    /// --min-sync-period).
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
+    pub min_sync_period: Duration,
+
+    /// /healthz turns 503 when a change has waited longer than this to be programmed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub healthz_timeout: Duration,
 
     /// Attach the datapath to the node side of every interface whose name starts with this.
     #[arg(long, value_name = "PREFIX", default_value = "lxc")]
@@ -24,19 +43,21 @@ pub struct Args {
     #[arg(long = "external-iface", value_name = "IFACE")]
     pub external_ifaces: Vec<String>,
 
-    /// Node address (repeatable); default: the node's global addresses from netlink.
+    /// Node address (repeatable); default: the Node's addresses (Kubernetes mode) or the node's global
+    /// addresses from netlink.
     #[arg(long = "node-ip", value_name = "IP")]
     pub node_ips: Vec<IpAddr>,
 
-    /// Where maps are pinned; mounted as bpffs if it is not one.
+    /// Where maps and program links are pinned; mounted as bpffs if it is not one.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/weir")]
     pub bpffs_dir: PathBuf,
 
-    /// Health endpoint: GET /healthz is 200 once the first full sync is programmed, 503 before.
+    /// Health endpoint: GET /healthz is 200 once the first full sync is programmed and pod interfaces
+    /// are attached, 503 before and when a sync is overdue.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10256")]
     pub health_addr: SocketAddr,
 
-    /// Prometheus metrics endpoint (GET /metrics).
+    /// Prometheus metrics (GET /metrics) and the programmed state as JSON (GET /state, for `weir`).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
 
@@ -52,4 +73,41 @@ pub struct Args {
     /// Capacity of the LRU connection-tracking map (two entries per flow).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CONNTRACK_MAX)]
     pub max_conntrack: u32,
+}
+
+/// `250ms`, `1s`, `2m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
 }

@@ -1,12 +1,20 @@
 //! The kernel side as the agent sees it: loads the embedded eBPF object with its maps pinned under
 //! `--bpffs-dir`, attaches the pod-ingress program to interfaces, and implements [`MapWriter`] on the
 //! pinned maps.
-use std::{collections::HashMap as StdHashMap, io, path::Path};
+use std::{
+    collections::HashMap as StdHashMap,
+    io,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, HashOfMaps, MapData, MapError as AyaMapError, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+    },
 };
 use tracing::{info, warn};
 use weir_common::{
@@ -44,6 +52,12 @@ pub enum DatapathError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -52,10 +66,29 @@ pub enum DatapathError {
     },
 }
 
+/// How an interface came to be served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// It already was, by this process.
+    Already,
+    /// A link pinned by a previous agent was adopted and its program replaced atomically.
+    Replaced,
+    /// A new link was created and pinned.
+    New,
+}
+
+/// One pod interface's TCX link, pinned under `<bpffs>/links/` so it outlives a crashed agent.
+struct Attachment {
+    name: String,
+    link: FdLink,
+    pin: PathBuf,
+}
+
 /// The loaded object: owns the program and its attachments.
 pub struct Datapath {
     ebpf: Ebpf,
-    attached: StdHashMap<u32, (String, SchedClassifierLinkId)>,
+    links_dir: PathBuf,
+    attached: StdHashMap<u32, Attachment>,
 }
 
 /// Typed handles on the pinned maps, moved to the reconciler.
@@ -126,9 +159,15 @@ impl Datapath {
             })?,
             conntrack: take_raw(&mut ebpf, MAP_CONNTRACK)?,
         };
+        let links_dir = pin_dir.join("links");
+        std::fs::create_dir_all(&links_dir).map_err(|source| DatapathError::Io {
+            context: format!("creating {}", links_dir.display()),
+            source,
+        })?;
         Ok((
             Self {
                 ebpf,
+                links_dir,
                 attached: StdHashMap::new(),
             },
             maps,
@@ -150,35 +189,100 @@ impl Datapath {
             })
     }
 
-    /// Attaches to the ingress of `name` (index `index`) unless already attached there.
-    pub fn attach(&mut self, index: u32, name: &str) -> Result<bool, DatapathError> {
-        if let Some((old_name, _)) = self.attached.get(&index) {
-            if old_name == name {
-                return Ok(false);
-            }
-            // Same index, new name: the interface was renamed; our link follows the index and stays.
-            return Ok(false);
-        }
-        let link = self
-            .program()?
-            .attach(name, TcAttachType::Ingress)
-            .map_err(|source| DatapathError::Program {
-                context: format!("attaching {PROG_POD_INGRESS} to {name} ingress"),
-                source,
-            })?;
-        self.attached.insert(index, (name.to_owned(), link));
-        info!(iface = name, index, "attached pod ingress program");
-        Ok(true)
+    fn pin_path(&self, index: u32) -> PathBuf {
+        self.links_dir.join(format!("pod-ingress-{index}"))
     }
 
-    /// Forgets an interface that is gone (the kernel already dropped the attachment with it).
-    pub fn forget(&mut self, index: u32) {
-        if let Some((name, link)) = self.attached.remove(&index) {
-            // Detaching a link whose device vanished may fail; the link is released either way.
-            if let Ok(prog) = self.program() {
-                let _ = prog.detach(link);
+    /// Serves the ingress of `name` (index `index`). A link pinned by a previous agent for this index
+    /// gets its program replaced in one `bpf_link_update`, so the interface is never without a program
+    /// across a restart or upgrade; otherwise a new link is created and pinned.
+    pub fn attach(&mut self, index: u32, name: &str) -> Result<Attached, DatapathError> {
+        if self.attached.contains_key(&index) {
+            // Same index: the link follows the device, whatever its name now.
+            return Ok(Attached::Already);
+        }
+        let pin = self.pin_path(index);
+        let prog = self.program()?;
+        if pin.exists() {
+            match adopt_link(prog, &pin) {
+                Ok(link) => {
+                    self.attached.insert(
+                        index,
+                        Attachment {
+                            name: name.to_owned(),
+                            link,
+                            pin,
+                        },
+                    );
+                    info!(iface = name, index, "adopted pinned link, program replaced");
+                    return Ok(Attached::Replaced);
+                }
+                Err(e) => {
+                    // Typically the device it belonged to is gone and the index was reused.
+                    warn!(
+                        iface = name,
+                        index, "cannot adopt pinned link ({e}); attaching anew"
+                    );
+                    let _ = std::fs::remove_file(&pin);
+                }
             }
-            info!(iface = %name, index, "pod interface removed");
+        }
+        let link_id =
+            prog.attach(name, TcAttachType::Ingress)
+                .map_err(|source| DatapathError::Program {
+                    context: format!("attaching {PROG_POD_INGRESS} to {name} ingress"),
+                    source,
+                })?;
+        let link: FdLink = prog
+            .take_link(link_id)
+            .map_err(|source| DatapathError::Program {
+                context: format!("taking the link of {name}"),
+                source,
+            })?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| DatapathError::Io {
+                context: format!("link of {name} is not an fd link"),
+                source: io::Error::other(e.to_string()),
+            })?;
+        let link = FdLink::from(link.pin(&pin).map_err(|e| DatapathError::Io {
+            context: format!("pinning the link of {name} at {}", pin.display()),
+            source: io::Error::other(e.to_string()),
+        })?);
+        self.attached.insert(
+            index,
+            Attachment {
+                name: name.to_owned(),
+                link,
+                pin,
+            },
+        );
+        info!(iface = name, index, "attached pod ingress program");
+        Ok(Attached::New)
+    }
+
+    /// Forgets an interface that is gone: the kernel already released the attachment with the device.
+    pub fn forget(&mut self, index: u32) {
+        if let Some(a) = self.attached.remove(&index) {
+            release(a);
+            info!(index, "pod interface removed");
+        }
+    }
+
+    /// Removes pinned links of interfaces that no longer exist (left by an agent that died).
+    pub fn prune_links(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.links_dir) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let index = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("pod-ingress-"))
+                .and_then(|n| n.parse::<u32>().ok());
+            if index.is_none_or(|i| !self.attached.contains_key(&i)) {
+                info!(pin = %entry.path().display(), "removing the pinned link of a vanished interface");
+                let _ = std::fs::remove_file(entry.path());
+            }
         }
     }
 
@@ -186,19 +290,33 @@ impl Datapath {
         self.attached.len()
     }
 
-    /// Detaches from every interface (SIGTERM path).
+    /// Detaches from every interface (SIGTERM path): unpinning and closing the last fd releases each link.
     pub fn detach_all(&mut self) {
-        let links: Vec<(u32, (String, SchedClassifierLinkId))> = self.attached.drain().collect();
-        for (index, (name, link)) in links {
-            match self.program() {
-                Ok(prog) => match prog.detach(link) {
-                    Ok(()) => info!(iface = %name, index, "detached"),
-                    Err(e) => warn!(iface = %name, index, "detach failed: {e}"),
-                },
-                Err(e) => warn!("cannot reach program to detach: {e}"),
-            }
+        for (index, a) in self.attached.drain() {
+            info!(iface = %a.name, index, "detached");
+            release(a);
         }
     }
+}
+
+/// Unpins and drops a link; with no pin and no fd left, the kernel detaches it.
+fn release(a: Attachment) {
+    if let Err(e) = std::fs::remove_file(&a.pin)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        warn!(pin = %a.pin.display(), "cannot remove link pin: {e}");
+    }
+    drop(a.link);
+}
+
+fn adopt_link(prog: &mut SchedClassifier, pin: &Path) -> Result<FdLink, String> {
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+    let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+    prog.take_link(id)
+        .map_err(|e| e.to_string())?
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| e.to_string())
 }
 
 fn take_raw(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DatapathError> {

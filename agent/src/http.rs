@@ -1,5 +1,10 @@
 //! The health and metrics endpoints (kube-proxy's healthz and metrics ports).
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::atomic::Ordering};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -34,15 +39,23 @@ fn handle(
 ) -> Response<Full<Bytes>> {
     match (kind, req.uri().path()) {
         (Endpoint::Health, "/healthz" | "/livez") => {
-            let synced = metrics.synced.load(Ordering::Relaxed);
+            let healthy = metrics.healthy();
             let last = metrics.last_sync_timestamp.get();
-            let body = format!("{{\"synced\":{synced},\"lastUpdated\":{last}}}\n");
-            let status = if synced {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            let body =
+                format!("{{\"healthy\":{healthy},\"lastUpdated\":{last},\"currentTime\":{now}}}\n");
+            let status = if healthy {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
             respond(status, "application/json", body)
+        }
+        (Endpoint::Metrics, "/state") => {
+            respond(StatusCode::OK, "application/json", metrics.state_json())
         }
         (Endpoint::Metrics, "/metrics") => respond(
             StatusCode::OK,

@@ -1,7 +1,10 @@
 //! Prometheus metrics: the agent's sync loop and the datapath's counters, read from the maps at scrape time.
-use std::sync::{
-    Mutex,
-    atomic::{AtomicBool, AtomicU64, Ordering},
+use std::{
+    sync::{
+        Mutex, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use prometheus_client::{
@@ -11,7 +14,7 @@ use prometheus_client::{
 };
 use weir_common::STAT_NAMES;
 
-use crate::datapath::StatsReader;
+use crate::{datapath::StatsReader, state::AgentState};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -21,6 +24,7 @@ pub struct ReasonLabel {
 pub struct Metrics {
     registry: Registry,
     pub sync_duration: Histogram,
+    pub programming_latency: Histogram,
     pub syncs: Counter,
     pub sync_errors: Counter,
     pub config_errors: Counter,
@@ -31,12 +35,16 @@ pub struct Metrics {
     conntrack_entries: Gauge,
     datapath_packets: Family<ReasonLabel, Counter>,
     stats: Mutex<Option<StatsReader>>,
-    /// Set once the first full sync is programmed; drives /healthz.
-    pub synced: AtomicBool,
+    /// Set once the first full sync is programmed and pod interfaces are attached; drives /healthz.
+    synced: AtomicBool,
+    /// Since when a received change waits to be programmed.
+    pending_since: Mutex<Option<Instant>>,
+    healthz_timeout: Duration,
+    state: RwLock<AgentState>,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub fn new(healthz_timeout: Duration) -> Self {
         let mut registry = Registry::with_prefix("weir");
         let sync_duration = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -45,6 +53,14 @@ impl Metrics {
             "sync_proxy_rules_duration_seconds",
             "Time to program one sync of the desired state into the eBPF maps (kube-proxy's sync_proxy_rules_duration_seconds)",
             sync_duration.clone(),
+        );
+        let programming_latency = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        registry.register(
+            "network_programming_duration_seconds",
+            "Time from a change being seen by the source (file event or watch event) to its map writes",
+            programming_latency.clone(),
         );
         let syncs = Counter::default();
         registry.register(
@@ -103,6 +119,7 @@ impl Metrics {
         Self {
             registry,
             sync_duration,
+            programming_latency,
             syncs,
             sync_errors,
             config_errors,
@@ -114,6 +131,59 @@ impl Metrics {
             datapath_packets,
             stats: Mutex::new(None),
             synced: AtomicBool::new(false),
+            pending_since: Mutex::new(None),
+            healthz_timeout,
+            state: RwLock::new(AgentState::default()),
+        }
+    }
+
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.store(synced, Ordering::Relaxed);
+        self.update_state(|s| s.synced = synced);
+    }
+
+    pub fn mark_pending(&self) {
+        if let Ok(mut p) = self.pending_since.lock() {
+            p.get_or_insert_with(Instant::now);
+        }
+    }
+
+    pub fn clear_pending(&self) {
+        if let Ok(mut p) = self.pending_since.lock() {
+            *p = None;
+        }
+    }
+
+    /// kube-proxy's semantics: healthy once synced, unhealthy again while a change has waited longer
+    /// than the timeout to be programmed.
+    pub fn healthy(&self) -> bool {
+        let overdue = self
+            .pending_since
+            .lock()
+            .ok()
+            .and_then(|p| *p)
+            .is_some_and(|t| t.elapsed() > self.healthz_timeout);
+        self.synced.load(Ordering::Relaxed) && !overdue
+    }
+
+    pub fn set_state(&self, state: AgentState) {
+        if let Ok(mut s) = self.state.write() {
+            *s = state;
+        }
+    }
+
+    pub fn update_state(&self, f: impl FnOnce(&mut AgentState)) {
+        if let Ok(mut s) = self.state.write() {
+            f(&mut s);
+        }
+    }
+
+    pub fn state_json(&self) -> String {
+        match self.state.read() {
+            Ok(s) => {
+                serde_json::to_string(&*s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+            }
+            Err(_) => "{}".to_owned(),
         }
     }
 
@@ -144,11 +214,5 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

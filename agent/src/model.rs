@@ -103,6 +103,34 @@ pub struct FrontendState {
     pub backends: BTreeSet<BackendAddr>,
 }
 
+/// Everything a source currently holds, keyed by namespace/name; sources publish it whole.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub services: BTreeMap<NsName, ServiceSpec>,
+    pub slices: BTreeMap<NsName, SliceSpec>,
+    /// The agent's own Node, when the source knows it (Kubernetes mode).
+    pub node: Option<NodeInfo>,
+    /// HTTPRoutes seen (served by the L7 proxy once it exists; counted for now).
+    pub http_routes: usize,
+}
+
+/// A source's latest snapshot and when the change that produced it was first seen, for the network
+/// programming latency metric.
+#[derive(Clone, Debug)]
+pub struct SourceUpdate {
+    pub snapshot: Snapshot,
+    pub changed_at: std::time::Instant,
+}
+
+/// What the agent uses of its Node object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    /// `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<Frontend, FrontendState>,

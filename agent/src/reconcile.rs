@@ -159,6 +159,11 @@ impl<W: MapWriter> Reconciler<W> {
         &self.writer
     }
 
+    /// What the datapath holds for a frontend, if anything.
+    pub fn programmed(&self, key: &ServiceKey) -> Option<ServiceValue> {
+        self.frontends.get(key).map(|p| p.value)
+    }
+
     pub fn programmed_frontends(&self) -> usize {
         self.frontends.len()
     }

@@ -13,19 +13,13 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::model::{FieldError, NsName, ServiceSpec, SliceSpec, object_id};
+pub use crate::model::Snapshot;
+use crate::model::{FieldError, NsName, ServiceSpec, SliceSpec, SourceUpdate, object_id};
 
 /// Re-read at least this often even without a file-system event, in case a notification is lost.
 const RESCAN_PERIOD: Duration = Duration::from_secs(2);
 /// Coalesces the burst of events an editor or `cp` produces into one reload.
 const DEBOUNCE: Duration = Duration::from_millis(100);
-
-/// Everything currently configured, keyed by namespace/name.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    pub services: BTreeMap<NsName, ServiceSpec>,
-    pub slices: BTreeMap<NsName, SliceSpec>,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -267,7 +261,7 @@ fn decode<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T,
 /// dropped. The first snapshot is published before this returns an error-free start.
 pub async fn watch_dir(
     dir: PathBuf,
-    tx: watch::Sender<Option<Snapshot>>,
+    tx: watch::Sender<Option<SourceUpdate>>,
     config_errors: impl Fn(usize) + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -287,6 +281,8 @@ pub async fn watch_dir(
     let mut config = ConfigDir::new(&dir);
     let mut last: Option<Snapshot> = None;
     let mut last_errors: Vec<String> = Vec::new();
+    // When the file-system event that led to this reload arrived.
+    let mut changed_at: Option<std::time::Instant> = None;
     loop {
         match config.reload() {
             Ok((snapshot, errors)) => {
@@ -306,7 +302,11 @@ pub async fn watch_dir(
                         "config dir changed"
                     );
                     last = Some(snapshot.clone());
-                    if tx.send(Some(snapshot)).is_err() {
+                    let update = SourceUpdate {
+                        snapshot,
+                        changed_at: changed_at.unwrap_or_else(std::time::Instant::now),
+                    };
+                    if tx.send(Some(update)).is_err() {
                         return Ok(());
                     }
                 }
@@ -318,10 +318,11 @@ pub async fn watch_dir(
                 if ev.is_none() {
                     return Ok(());
                 }
+                changed_at = Some(std::time::Instant::now());
                 tokio::time::sleep(DEBOUNCE).await;
                 while ev_rx.try_recv().is_ok() {}
             }
-            _ = tokio::time::sleep(RESCAN_PERIOD) => {}
+            _ = tokio::time::sleep(RESCAN_PERIOD) => changed_at = None,
         }
     }
 }
