@@ -229,6 +229,16 @@ impl<'lab> Agent<'lab> {
         )
     }
 
+    /// SIGKILL, as a crash or an OOM kill would: no cleanup runs. Returns once the agent is reaped.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(status) = self.poll_exit() {
+            return Ok(status);
+        }
+        self.signal(Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(5))
+            .context("agent still running 5 s after SIGKILL")
+    }
+
     fn signal(&self, signal: Signal) {
         // The pid is our unreaped child, so it cannot have been reused.
         if let Ok(pid) = i32::try_from(self.child.id()) {
