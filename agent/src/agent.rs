@@ -190,7 +190,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             () = due => {
                 sync_at = None;
                 if let Some(u) = &update {
-                    let errors = sync(&mut reconciler, u, &metrics);
+                    let errors = sync(&mut reconciler, u, &metrics, &caps);
                     last_sync = Some(tokio::time::Instant::now());
                     first_sync_done = true;
                     metrics.set_synced(first_sync_done && links_ready);
@@ -234,7 +234,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// One sync; returns whether some map operation failed (and a retry is due).
-fn sync(reconciler: &mut Reconciler<Maps>, update: &SourceUpdate, metrics: &Metrics) -> bool {
+fn sync(
+    reconciler: &mut Reconciler<Maps>,
+    update: &SourceUpdate,
+    metrics: &Metrics,
+    caps: &Capacities,
+) -> bool {
     let snapshot = &update.snapshot;
     let started = Instant::now();
     let desired = model::desired(snapshot.services.values(), snapshot.slices.values());
@@ -252,6 +257,21 @@ fn sync(reconciler: &mut Reconciler<Maps>, update: &SourceUpdate, metrics: &Metr
     metrics
         .backends
         .set(reconciler.programmed_backends() as i64);
+    metrics.set_fill(
+        weir_common::MAP_SERVICES,
+        reconciler.programmed_frontends(),
+        caps.services,
+    );
+    metrics.set_fill(
+        weir_common::MAP_BACKENDS,
+        reconciler.programmed_backends(),
+        caps.backends,
+    );
+    metrics.set_fill(
+        weir_common::MAP_MAGLEV,
+        reconciler.programmed_tables(),
+        caps.maglev_tables,
+    );
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

@@ -9,7 +9,9 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, HashOfMaps, MapData, MapError as AyaMapError, PerCpuArray},
+    maps::{
+        Array, HashMap, HashOfMaps, MapData, MapError as AyaMapError, PerCpuArray, PerCpuHashMap,
+    },
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
@@ -18,8 +20,9 @@ use aya::{
 };
 use tracing::{info, warn};
 use weir_common::{
-    Backend, MAGLEV_TABLE_FLAGS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_SERVICES, MAP_STATS,
-    PROG_POD_INGRESS, STAT_COUNT, ServiceKey, ServiceValue,
+    Backend, MAGLEV_TABLE_FLAGS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_STATS, PROG_POD_INGRESS, STAT_COUNT, ServiceCounters, ServiceKey,
+    ServiceValue,
 };
 
 use crate::reconcile::{Adopted, MapError, MapWriter};
@@ -96,12 +99,15 @@ pub struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     backends: HashMap<MapData, u32, Backend>,
+    service_stats: PerCpuHashMap<MapData, ServiceKey, ServiceCounters>,
 }
 
 /// Read-only handles for metrics.
 pub struct StatsReader {
     stats: PerCpuArray<MapData, u64>,
     conntrack: aya::maps::Map,
+    service_stats: PerCpuHashMap<MapData, ServiceKey, ServiceCounters>,
+    conntrack_max: u32,
 }
 
 impl Datapath {
@@ -149,6 +155,11 @@ impl Datapath {
                 }
             })?,
             backends: take_map(&mut ebpf, MAP_BACKENDS)?,
+            service_stats: PerCpuHashMap::try_from(take_raw(&mut ebpf, MAP_SERVICE_STATS)?)
+                .map_err(|source| DatapathError::Map {
+                    name: MAP_SERVICE_STATS,
+                    source,
+                })?,
         };
         let stats = StatsReader {
             stats: PerCpuArray::try_from(take_raw(&mut ebpf, MAP_STATS)?).map_err(|source| {
@@ -158,6 +169,14 @@ impl Datapath {
                 }
             })?,
             conntrack: take_raw(&mut ebpf, MAP_CONNTRACK)?,
+            // A second handle on the pinned map: the writer deletes a frontend's counters with it.
+            service_stats: MapData::from_pin(pin_dir.join(MAP_SERVICE_STATS))
+                .and_then(|m| PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(m)))
+                .map_err(|source| DatapathError::Map {
+                    name: MAP_SERVICE_STATS,
+                    source,
+                })?,
+            conntrack_max: caps.conntrack,
         };
         let links_dir = pin_dir.join("links");
         std::fs::create_dir_all(&links_dir).map_err(|source| DatapathError::Io {
@@ -403,7 +422,11 @@ impl MapWriter for Maps {
     }
 
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
-        ignore_missing(self.services.remove(&key)).map_err(|e| map_error(MAP_SERVICES, "delete", e))
+        ignore_missing(self.services.remove(&key))
+            .map_err(|e| map_error(MAP_SERVICES, "delete", e))?;
+        // Counters go with the frontend, so a later frontend on the same address starts from zero.
+        ignore_missing(self.service_stats.remove(&key))
+            .map_err(|e| map_error(MAP_SERVICE_STATS, "delete", e))
     }
 }
 
@@ -418,6 +441,28 @@ impl StatsReader {
                     .unwrap_or(0)
             })
             .collect()
+    }
+
+    /// Packets and bytes per frontend, summed over CPUs.
+    pub fn service_counters(&self) -> Vec<(ServiceKey, ServiceCounters)> {
+        self.service_stats
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, per_cpu)| {
+                let total =
+                    per_cpu
+                        .iter()
+                        .fold(ServiceCounters::default(), |a, c| ServiceCounters {
+                            packets: a.packets + c.packets,
+                            bytes: a.bytes + c.bytes,
+                        });
+                (k, total)
+            })
+            .collect()
+    }
+
+    pub fn conntrack_capacity(&self) -> u32 {
+        self.conntrack_max
     }
 
     /// Number of conntrack entries (both directions), counted by walking the keys.

@@ -21,6 +21,19 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// `namespace/name`, or empty for a frontend the agent no longer knows by name.
+    pub service: String,
+    /// `ip:port/PROTO`.
+    pub frontend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    pub map: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub sync_duration: Histogram,
@@ -34,6 +47,9 @@ pub struct Metrics {
     pub attached_interfaces: Gauge,
     conntrack_entries: Gauge,
     datapath_packets: Family<ReasonLabel, Counter>,
+    service_packets: Family<ServiceLabels, Counter>,
+    service_bytes: Family<ServiceLabels, Counter>,
+    map_fill: Family<MapLabel, Gauge<f64, AtomicU64>>,
     stats: Mutex<Option<StatsReader>>,
     /// Set once the first full sync is programmed and pod interfaces are attached; drives /healthz.
     synced: AtomicBool,
@@ -116,8 +132,29 @@ impl Metrics {
             "Packets seen by the datapath, by verdict (drops and rejects included)",
             datapath_packets.clone(),
         );
+        let service_packets = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "service_packets",
+            "Packets of each frontend's flows, both directions, counted in the datapath",
+            service_packets.clone(),
+        );
+        let service_bytes = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "service_bytes",
+            "Bytes (frames as seen at the pod interface) of each frontend's flows, both directions",
+            service_bytes.clone(),
+        );
+        let map_fill = Family::<MapLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "map_fill_ratio",
+            "Entries in use divided by capacity, per eBPF map",
+            map_fill.clone(),
+        );
         Self {
             registry,
+            service_packets,
+            service_bytes,
+            map_fill,
             sync_duration,
             programming_latency,
             syncs,
@@ -187,6 +224,20 @@ impl Metrics {
         }
     }
 
+    /// Records how full a map is.
+    pub fn set_fill(&self, map: &str, used: usize, capacity: u32) {
+        let ratio = if capacity == 0 {
+            0.0
+        } else {
+            used as f64 / f64::from(capacity)
+        };
+        self.map_fill
+            .get_or_create(&MapLabel {
+                map: map.to_owned(),
+            })
+            .set(ratio);
+    }
+
     pub fn set_stats_reader(&self, reader: StatsReader) {
         if let Ok(mut guard) = self.stats.lock() {
             *guard = Some(reader);
@@ -207,12 +258,57 @@ impl Metrics {
                     .inner()
                     .store(value, Ordering::Relaxed);
             }
+            let ct = reader.conntrack_entries();
             self.conntrack_entries
-                .set(i64::try_from(reader.conntrack_entries()).unwrap_or(i64::MAX));
+                .set(i64::try_from(ct).unwrap_or(i64::MAX));
+            self.set_fill(weir_common::MAP_CONNTRACK, ct, reader.conntrack_capacity());
+            let names: std::collections::HashMap<String, String> = self
+                .state
+                .read()
+                .map(|s| {
+                    s.frontends
+                        .iter()
+                        .map(|f| {
+                            (
+                                format!("{}:{}/{}", f.ip, f.port, f.protocol),
+                                f.service.clone(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (key, c) in reader.service_counters() {
+                let frontend = frontend_name(&key);
+                let labels = ServiceLabels {
+                    service: names.get(&frontend).cloned().unwrap_or_default(),
+                    frontend,
+                };
+                self.service_packets
+                    .get_or_create(&labels)
+                    .inner()
+                    .store(c.packets, Ordering::Relaxed);
+                self.service_bytes
+                    .get_or_create(&labels)
+                    .inner()
+                    .store(c.bytes, Ordering::Relaxed);
+            }
         }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+fn frontend_name(key: &weir_common::ServiceKey) -> String {
+    let proto = match key.proto {
+        weir_common::PROTO_TCP => "TCP".to_owned(),
+        weir_common::PROTO_UDP => "UDP".to_owned(),
+        other => other.to_string(),
+    };
+    format!(
+        "{}:{}/{proto}",
+        std::net::Ipv4Addr::from(u32::from_be(key.addr_be)),
+        u16::from_be(key.port_be)
+    )
 }

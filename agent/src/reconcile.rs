@@ -168,6 +168,14 @@ impl<W: MapWriter> Reconciler<W> {
         self.frontends.len()
     }
 
+    /// Maglev tables in use (frontends with at least one backend).
+    pub fn programmed_tables(&self) -> usize {
+        self.frontends
+            .values()
+            .filter(|p| p.value.table_size > 0)
+            .count()
+    }
+
     pub fn programmed_backends(&self) -> usize {
         self.backend_ids.len()
     }

@@ -15,6 +15,8 @@ pub const MAP_BACKENDS: &str = "WEIR_BACKENDS";
 pub const MAP_CONNTRACK: &str = "WEIR_CT";
 /// Per-CPU datapath counters indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "WEIR_STATS";
+/// Per-CPU packets and bytes per frontend (both directions of its flows).
+pub const MAP_SERVICE_STATS: &str = "WEIR_SVC_STATS";
 
 /// Name of the TC program attached to the node side of pod interfaces.
 pub const PROG_POD_INGRESS: &str = "weir_pod_ingress";
@@ -99,6 +101,14 @@ pub struct Backend {
     pub pad: u8,
 }
 
+/// Traffic of one frontend on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// A flow as seen on the wire, before translation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -129,6 +139,7 @@ const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
 
 #[cfg(feature = "user")]
@@ -139,5 +150,6 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for ServiceCounters {}
     unsafe impl aya::Pod for CtValue {}
 }

@@ -24,7 +24,7 @@ use weir_common::{
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, MAGLEV, SERVICES},
-    stats::count,
+    stats::{count, count_service},
 };
 
 /// Ingress of the node side of a pod interface: every packet a pod sends passes here first, so both a
@@ -58,10 +58,28 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         let entry = unsafe { *entry };
         if entry.kind == CT_REVERSE {
             count(STAT_REVERSE_NAT);
+            count_service(
+                &ServiceKey {
+                    addr_be: entry.nat_addr_be,
+                    port_be: entry.nat_port_be,
+                    proto: flow.proto,
+                    pad: 0,
+                },
+                ctx.len(),
+            );
             return rewrite_or_drop(nat::snat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be));
         }
         if entry.kind == CT_FORWARD && backend_still_valid(&entry) {
             count(STAT_FWD_ESTABLISHED);
+            count_service(
+                &ServiceKey {
+                    addr_be: flow.daddr_be,
+                    port_be: flow.dport_be,
+                    proto: flow.proto,
+                    pad: 0,
+                },
+                ctx.len(),
+            );
             return rewrite_or_drop(nat::dnat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be));
         }
         // A forward entry whose backend is gone falls through and is re-balanced like a new flow.
@@ -127,6 +145,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let _ = CONNTRACK.insert(reverse_key, reverse, 0);
     let _ = CONNTRACK.insert(ct_key, forward, 0);
     count(STAT_FWD_NEW);
+    count_service(&svc_key, ctx.len());
     rewrite_or_drop(nat::dnat(ctx, &flow, backend.addr_be, backend.port_be))
 }
 

@@ -3,11 +3,11 @@
 use aya_ebpf::{
     btf_maps::{Array, HashOfMaps},
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weir_common::{
     Backend, CtKey, CtValue, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
-    DEFAULT_MAGLEV_TABLES_MAX, DEFAULT_SERVICES_MAX, MAGLEV_TABLE_FLAGS, STAT_COUNT, ServiceKey,
+    DEFAULT_MAGLEV_TABLES_MAX, DEFAULT_SERVICES_MAX, MAGLEV_TABLE_FLAGS, STAT_COUNT, ServiceCounters, ServiceKey,
     ServiceValue,
 };
 
@@ -30,3 +30,9 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CO
 
 #[map(name = "WEIR_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+/// Sized like `WEIR_SERVICES`: one entry per frontend that saw traffic; the agent deletes it with the
+/// frontend.
+#[map(name = "WEIR_SVC_STATS")]
+pub static SERVICE_STATS: PerCpuHashMap<ServiceKey, ServiceCounters> =
+    PerCpuHashMap::pinned(DEFAULT_SERVICES_MAX, 0);
