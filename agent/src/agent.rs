@@ -20,7 +20,7 @@ use crate::{
     kube_source,
     links::{self, LinkEvent},
     metrics::Metrics,
-    model::{self, SourceUpdate},
+    model::{DesiredCache, SourceUpdate},
     reconcile::Reconciler,
     standalone,
     state::{AgentState, FrontendInfo},
@@ -115,6 +115,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let mut reconciler = Reconciler::adopt(maps, adopted);
+    let mut desired_cache = DesiredCache::default();
 
     let (update_tx, mut update_rx) = watch::channel::<Option<SourceUpdate>>(None);
     let config_errors = metrics.config_errors.clone();
@@ -190,7 +191,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             () = due => {
                 sync_at = None;
                 if let Some(u) = &update {
-                    let errors = sync(&mut reconciler, u, &metrics, &caps);
+                    let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache);
                     last_sync = Some(tokio::time::Instant::now());
                     first_sync_done = true;
                     metrics.set_synced(first_sync_done && links_ready);
@@ -239,10 +240,11 @@ fn sync(
     update: &SourceUpdate,
     metrics: &Metrics,
     caps: &Capacities,
+    cache: &mut DesiredCache,
 ) -> bool {
     let snapshot = &update.snapshot;
     let started = Instant::now();
-    let desired = model::desired(snapshot.services.values(), snapshot.slices.values());
+    let (desired, recomputed) = cache.update(snapshot);
     let report = reconciler.sync(&desired);
     let elapsed = started.elapsed();
     metrics.sync_duration.observe(elapsed.as_secs_f64());
@@ -304,6 +306,7 @@ fn sync(
 
     info!(
         frontends = desired.frontends.len(),
+        services_recomputed = recomputed,
         written = report.frontends_written,
         deleted = report.frontends_deleted,
         errors = report.errors,

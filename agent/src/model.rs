@@ -353,52 +353,115 @@ pub fn desired<'a>(
     services: impl IntoIterator<Item = &'a ServiceSpec>,
     slices: impl IntoIterator<Item = &'a SliceSpec>,
 ) -> Desired {
-    let mut by_service: BTreeMap<&NsName, Vec<&SliceSpec>> = BTreeMap::new();
-    for slice in slices {
-        by_service.entry(&slice.service).or_default().push(slice);
-    }
+    let by_service = slices_by_service(slices);
     let mut frontends = BTreeMap::new();
     for svc in services {
         let slices = by_service
             .get(&svc.id)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        for port in &svc.ports {
-            let mut backends = BTreeSet::new();
-            for slice in slices {
-                // A slice port matches the service port by name (both unnamed for single-port services).
-                let Some(sp) = slice
-                    .ports
-                    .iter()
-                    .find(|sp| sp.name == port.name && sp.protocol == port.protocol)
-                else {
-                    continue;
-                };
-                for ep in slice.endpoints.iter().filter(|ep| ep.ready) {
-                    backends.insert(BackendAddr {
-                        ip: ep.ip,
-                        port: sp.port,
-                        protocol: port.protocol,
-                    });
-                }
-            }
-            for ip in &svc.cluster_ips {
-                frontends.insert(
-                    Frontend {
-                        ip: *ip,
-                        port: port.port,
-                        protocol: port.protocol,
-                    },
-                    FrontendState {
-                        service: svc.id.clone(),
-                        port_name: port.name.clone(),
-                        backends: backends.clone(),
-                    },
-                );
-            }
-        }
+        frontends.extend(service_frontends(svc, slices));
     }
     Desired { frontends }
+}
+
+fn slices_by_service<'a>(
+    slices: impl IntoIterator<Item = &'a SliceSpec>,
+) -> BTreeMap<&'a NsName, Vec<&'a SliceSpec>> {
+    let mut by_service: BTreeMap<&NsName, Vec<&SliceSpec>> = BTreeMap::new();
+    for slice in slices {
+        by_service.entry(&slice.service).or_default().push(slice);
+    }
+    by_service
+}
+
+/// The frontends of one Service given its EndpointSlices.
+fn service_frontends(svc: &ServiceSpec, slices: &[&SliceSpec]) -> Vec<(Frontend, FrontendState)> {
+    let mut out = Vec::new();
+    for port in &svc.ports {
+        let mut backends = BTreeSet::new();
+        for slice in slices {
+            // A slice port matches the service port by name (both unnamed for single-port services).
+            let Some(sp) = slice
+                .ports
+                .iter()
+                .find(|sp| sp.name == port.name && sp.protocol == port.protocol)
+            else {
+                continue;
+            };
+            for ep in slice.endpoints.iter().filter(|ep| ep.ready) {
+                backends.insert(BackendAddr {
+                    ip: ep.ip,
+                    port: sp.port,
+                    protocol: port.protocol,
+                });
+            }
+        }
+        for ip in &svc.cluster_ips {
+            out.push((
+                Frontend {
+                    ip: *ip,
+                    port: port.port,
+                    protocol: port.protocol,
+                },
+                FrontendState {
+                    service: svc.id.clone(),
+                    port_name: port.name.clone(),
+                    backends: backends.clone(),
+                },
+            ));
+        }
+    }
+    out
+}
+
+/// Keeps each Service's frontends between syncs and recomputes only the Services whose spec or
+/// EndpointSlices changed, so a change to one Service among 100,000 costs one recomputation.
+#[derive(Default)]
+pub struct DesiredCache {
+    entries: BTreeMap<NsName, CacheEntry>,
+}
+
+struct CacheEntry {
+    spec: ServiceSpec,
+    slices: Vec<SliceSpec>,
+    frontends: Vec<(Frontend, FrontendState)>,
+}
+
+impl DesiredCache {
+    /// The desired state for `snapshot`, and how many Services had to be recomputed.
+    pub fn update(&mut self, snapshot: &Snapshot) -> (Desired, usize) {
+        let by_service = slices_by_service(snapshot.slices.values());
+        let mut recomputed = 0;
+        self.entries
+            .retain(|id, _| snapshot.services.contains_key(id));
+        for (id, svc) in &snapshot.services {
+            let slices = by_service.get(id).map(Vec::as_slice).unwrap_or_default();
+            let unchanged = self.entries.get(id).is_some_and(|e| {
+                e.spec == *svc
+                    && e.slices.len() == slices.len()
+                    && e.slices.iter().zip(slices).all(|(a, b)| a == *b)
+            });
+            if unchanged {
+                continue;
+            }
+            recomputed += 1;
+            self.entries.insert(
+                id.clone(),
+                CacheEntry {
+                    spec: svc.clone(),
+                    slices: slices.iter().map(|s| (*s).clone()).collect(),
+                    frontends: service_frontends(svc, slices),
+                },
+            );
+        }
+        let frontends = self
+            .entries
+            .values()
+            .flat_map(|e| e.frontends.iter().cloned())
+            .collect();
+        (Desired { frontends }, recomputed)
+    }
 }
 
 #[cfg(test)]

@@ -137,3 +137,55 @@ fn services_that_are_not_ours_are_skipped() {
     ));
     assert_eq!(ServiceSpec::from_k8s(&other_proxy), Ok(None));
 }
+
+#[test]
+fn the_cache_recomputes_only_services_whose_inputs_changed() {
+    let mut snapshot = Snapshot::default();
+    for i in 0..1000u32 {
+        let name = format!("svc-{i}");
+        let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+        let svc = service(
+            &WEB.replace("name: web", &format!("name: {name}"))
+                .replace("10.96.0.10", &ip),
+        );
+        let spec = ServiceSpec::from_k8s(&svc).expect("valid").expect("ours");
+        let sl = slice(
+            &WEB_SLICE
+                .replace("name: web-abc", &format!("name: {name}-abc"))
+                .replace(
+                    "kubernetes.io/service-name: web",
+                    &format!("kubernetes.io/service-name: {name}"),
+                ),
+        );
+        let sl = SliceSpec::from_k8s(&sl).expect("valid").expect("ours");
+        snapshot.services.insert(spec.id.clone(), spec);
+        snapshot.slices.insert(sl.id.clone(), sl);
+    }
+    let mut cache = DesiredCache::default();
+    let (first, n) = cache.update(&snapshot);
+    assert_eq!(n, 1000);
+    assert_eq!(
+        first,
+        desired(snapshot.services.values(), snapshot.slices.values())
+    );
+
+    let (_, n) = cache.update(&snapshot);
+    assert_eq!(n, 0, "nothing changed");
+
+    let id = NsName {
+        namespace: "shop".into(),
+        name: "svc-7-abc".into(),
+    };
+    snapshot.slices.get_mut(&id).expect("slice").endpoints.pop();
+    let gone = NsName {
+        namespace: "shop".into(),
+        name: "svc-9".into(),
+    };
+    snapshot.services.remove(&gone);
+    let (after, n) = cache.update(&snapshot);
+    assert_eq!(n, 1, "only svc-7 recomputed");
+    assert_eq!(
+        after,
+        desired(snapshot.services.values(), snapshot.slices.values())
+    );
+}
