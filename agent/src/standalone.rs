@@ -68,10 +68,35 @@ enum Object {
 
 type FileObjects = BTreeMap<ObjectKey, Object>;
 
+/// What identifies a file version without reading it: a write-then-rename makes a new inode, an in-place
+/// write moves mtime/ctime and usually the length.
+type Stamp = (u64, u64, i64, i64, i64, i64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.ino(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
+}
+
+struct FileState {
+    stamp: Option<Stamp>,
+    /// The last good objects of the file.
+    objects: FileObjects,
+    /// Problems found the last time it was read.
+    errors: Vec<String>,
+}
+
 /// The directory and the last good objects of each file in it.
 pub struct ConfigDir {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, FileObjects>,
+    files: BTreeMap<PathBuf, FileState>,
 }
 
 impl ConfigDir {
@@ -82,9 +107,14 @@ impl ConfigDir {
         }
     }
 
-    /// Re-reads every file. Returns the merged snapshot and the errors found on this pass.
-    pub fn reload(&mut self) -> Result<(Snapshot, Vec<ConfigError>), std::io::Error> {
-        let mut errors = Vec::new();
+    /// Re-reads every file. Returns the merged snapshot and the problems (file, object, field) found.
+    pub fn reload(&mut self) -> Result<(Snapshot, Vec<String>), std::io::Error> {
+        self.reload_with(true)
+    }
+
+    /// With `force` false, files whose inode, size and times are unchanged are not read again: the
+    /// periodic rescan then costs a `stat` per file.
+    pub fn reload_with(&mut self, force: bool) -> Result<(Snapshot, Vec<String>), std::io::Error> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| is_config_file(p))
@@ -92,16 +122,34 @@ impl ConfigDir {
         paths.sort();
         let mut files = BTreeMap::new();
         for path in paths {
-            let previous = self.files.get(&path);
-            let objects = load_file(&path, previous, &mut errors);
-            files.insert(path, objects);
+            let previous = self.files.remove(&path);
+            let now = stamp(&path);
+            let state = match previous {
+                Some(prev) if !force && now.is_some() && prev.stamp == now => prev,
+                previous => {
+                    let mut errors = Vec::new();
+                    let objects =
+                        load_file(&path, previous.as_ref().map(|p| &p.objects), &mut errors);
+                    FileState {
+                        stamp: now,
+                        objects,
+                        errors: errors.iter().map(ToString::to_string).collect(),
+                    }
+                }
+            };
+            files.insert(path, state);
         }
         // Files that disappeared take their objects with them.
         self.files = files;
+        let errors = self
+            .files
+            .values()
+            .flat_map(|f| f.errors.iter().cloned())
+            .collect();
 
         let mut snapshot = Snapshot::default();
-        for (path, objects) in &self.files {
-            for (key, object) in objects {
+        for (path, state) in &self.files {
+            for (key, object) in &state.objects {
                 let duplicate = match (key, object) {
                     (ObjectKey::Service(id), Object::Service(spec)) => {
                         let dup = snapshot.services.contains_key(id);
@@ -284,10 +332,10 @@ pub async fn watch_dir(
     // When the file-system event that led to this reload arrived.
     let mut changed_at: Option<std::time::Instant> = None;
     loop {
-        match config.reload() {
-            Ok((snapshot, errors)) => {
+        // A file-system event re-reads everything; a periodic rescan only what changed on disk.
+        match config.reload_with(changed_at.is_some() || last.is_none()) {
+            Ok((snapshot, messages)) => {
                 // Report each problem once, not on every rescan.
-                let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
                 if messages != last_errors {
                     for m in messages.iter().filter(|m| !last_errors.contains(m)) {
                         error!("config: {m}; skipped");

@@ -151,3 +151,23 @@ fn deleting_a_file_removes_its_objects() {
     assert_eq!(names(&snap), ["default/a"]);
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_rescan_without_force_still_sees_a_renamed_in_file_of_the_same_size() {
+    let dir = temp_dir("rescan");
+    write(&dir, "a.yaml", &svc("a", "10.96.0.1"));
+    let mut config = ConfigDir::new(&dir);
+    let (first, _) = config.reload_with(false).expect("dir readable");
+    let (again, _) = config.reload_with(false).expect("dir readable");
+    assert_eq!(first, again);
+    // Same length, new content, written the way tools do (temp file + rename): a new inode.
+    write(&dir, ".a.yaml.tmp", &svc("a", "10.96.0.2"));
+    fs::rename(dir.join(".a.yaml.tmp"), dir.join("a.yaml")).expect("rename");
+    let (after, _) = config.reload_with(false).expect("dir readable");
+    let a = &after.services[&NsName {
+        namespace: "default".into(),
+        name: "a".into(),
+    }];
+    assert_eq!(a.cluster_ips, [std::net::Ipv4Addr::new(10, 96, 0, 2)]);
+    let _ = fs::remove_dir_all(&dir);
+}
