@@ -358,6 +358,53 @@ fn map_error(map: &'static str, op: &'static str, e: AyaMapError) -> MapError {
     }
 }
 
+/// Writes `slots` into a fresh `BPF_F_MMAPABLE` array through a shared mapping: one copy instead of a
+/// `bpf_map_update_elem` per slot (a 1,000-backend table has a million slots).
+fn fill_mmapable(table: &Array<MapData, u32>, slots: &[u32]) -> io::Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    use aya::maps::IterableMap as _;
+    let fd = table.map().fd().as_fd().as_raw_fd();
+    // The kernel lays array elements out at 8-byte strides (value size rounded up), the value first.
+    let elems: Vec<[u8; 8]> = slots
+        .iter()
+        .map(|id| {
+            let mut e = [0u8; 8];
+            e[..4].copy_from_slice(&id.to_ne_bytes());
+            e
+        })
+        .collect();
+    let len = std::mem::size_of_val(elems.as_slice());
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: a shared writable mapping of a BPF array we just created with BPF_F_MMAPABLE; its data is
+    // `max_entries` elements of 8 bytes, and `elems.len() == max_entries`.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `addr` maps at least `len` writable bytes (checked above) that nothing else in this process
+    // aliases; the source is a valid slice of the same length.
+    unsafe {
+        std::ptr::copy_nonoverlapping(elems.as_ptr().cast::<u8>(), addr.cast::<u8>(), len);
+    }
+    // SAFETY: unmapping exactly the region mapped above.
+    if unsafe { libc::munmap(addr, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Deleting what is not there is success: deletes are idempotent so retries and pruning can overlap.
 fn ignore_missing(r: Result<(), AyaMapError>) -> Result<(), AyaMapError> {
     match r {
@@ -396,13 +443,13 @@ impl MapWriter for Maps {
             message: format!("{} slots do not fit a u32 index", slots.len()),
         })?;
         // The flags must equal the template's for the kernel to accept the table as an inner map.
-        let mut table = Array::<MapData, u32>::create(size, MAGLEV_TABLE_FLAGS)
+        let table = Array::<MapData, u32>::create(size, MAGLEV_TABLE_FLAGS)
             .map_err(|e| map_error(MAP_MAGLEV, "create table", e))?;
-        for (slot, backend_id) in slots.iter().enumerate() {
-            table
-                .set(slot as u32, backend_id, 0)
-                .map_err(|e| map_error(MAP_MAGLEV, "fill table", e))?;
-        }
+        fill_mmapable(&table, slots).map_err(|e| MapError {
+            map: MAP_MAGLEV,
+            op: "fill table",
+            message: e.to_string(),
+        })?;
         // Only now, complete, does the table become reachable; dropping our fd leaves the map's
         // reference as the only one, so deleting the entry later frees it.
         self.maglev

@@ -21,9 +21,10 @@ pub const MAP_SERVICE_STATS: &str = "WEIR_SVC_STATS";
 /// Name of the TC program attached to the node side of pod interfaces.
 pub const PROG_POD_INGRESS: &str = "weir_pod_ingress";
 
-/// `BPF_F_INNER_MAP`: set on the Maglev inner-map template and on every table the agent creates, so
-/// tables of different sizes are accepted as values of the same outer map.
-pub const MAGLEV_TABLE_FLAGS: u32 = 0x1000;
+/// `BPF_F_INNER_MAP | BPF_F_MMAPABLE`, set on the Maglev inner-map template and on every table the agent
+/// creates: INNER_MAP lets tables of different sizes be values of the same outer map, MMAPABLE lets the
+/// agent fill a table with one memory copy instead of a syscall per slot.
+pub const MAGLEV_TABLE_FLAGS: u32 = 0x1000 | 0x400;
 
 pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65_536;
