@@ -20,7 +20,7 @@ use crate::{
     kube_source,
     links::{self, LinkEvent},
     metrics::Metrics,
-    model::{DesiredCache, SourceUpdate},
+    model::{DesiredCache, NodeContext, NodeInfo, SourceUpdate},
     reconcile::Reconciler,
     standalone,
     state::{AgentState, FrontendInfo},
@@ -31,7 +31,7 @@ const RETRY_AFTER_ERRORS: Duration = Duration::from_secs(1);
 
 enum Source {
     Dir(std::path::PathBuf),
-    Kubernetes(kube::Config),
+    Kubernetes(Box<kube::Config>),
 }
 
 async fn source(args: &Args) -> anyhow::Result<Source> {
@@ -53,7 +53,7 @@ async fn source(args: &Args) -> anyhow::Result<Source> {
             "no --config-dir or --kubeconfig given, and not running in a cluster (in-cluster config unavailable)",
         )?,
     };
-    Ok(Source::Kubernetes(config))
+    Ok(Source::Kubernetes(Box::new(config)))
 }
 
 fn node_name(args: &Args) -> String {
@@ -68,18 +68,14 @@ fn node_name(args: &Args) -> String {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let source = source(&args).await?;
     let node_name = node_name(&args);
-    for iface in &args.external_ifaces {
-        nix::net::if_::if_nametoindex(iface.as_str())
-            .with_context(|| format!("--external-iface {iface}: no such interface"))?;
-    }
-    let node_ips = if args.node_ips.is_empty() {
+    let startup_ips = if args.node_ips.is_empty() {
         links::node_addresses()
             .await
             .context("reading node addresses")?
     } else {
         args.node_ips.clone()
     };
-    info!(node = %node_name, ?node_ips, external_ifaces = ?args.external_ifaces, "node");
+    info!(node = %node_name, node_ips = ?startup_ips, external_ifaces = ?args.external_ifaces, "node");
 
     if bpffs::ensure(&args.bpffs_dir)? {
         info!(dir = %args.bpffs_dir.display(), "mounted bpffs");
@@ -91,6 +87,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         conntrack: args.max_conntrack,
     };
     let (mut datapath, maps, stats) = Datapath::load(&args.bpffs_dir, caps)?;
+    // Traffic from outside the node (NodePort, externalIPs, LoadBalancer IPs) enters here.
+    for iface in &args.external_ifaces {
+        let index = nix::net::if_::if_nametoindex(iface.as_str())
+            .with_context(|| format!("--external-iface {iface}: no such interface"))?;
+        datapath
+            .attach(index, iface)
+            .with_context(|| format!("--external-iface {iface}"))?;
+    }
     let metrics = Arc::new(Metrics::new(args.healthz_timeout));
     metrics.set_stats_reader(stats);
     metrics.set_state(AgentState {
@@ -134,7 +138,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Source::Kubernetes(config) => {
             info!(server = %config.cluster_url, "kubernetes mode");
             let client =
-                kube::Client::try_from(config).context("building the Kubernetes client")?;
+                kube::Client::try_from(*config).context("building the Kubernetes client")?;
             let node = node_name.clone();
             tokio::spawn(async move {
                 if let Err(e) = kube_source::run(client, node, update_tx, count).await {
@@ -191,7 +195,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             () = due => {
                 sync_at = None;
                 if let Some(u) = &update {
-                    let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache);
+                    let node = node_context(&args, &startup_ips, u.snapshot.node.as_ref());
+                    let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache, &node);
                     last_sync = Some(tokio::time::Instant::now());
                     first_sync_done = true;
                     metrics.set_synced(first_sync_done && links_ready);
@@ -234,6 +239,32 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Node IPs for NodePorts: `--node-ip` if given, else the Node object's addresses when the source knows
+/// them, else the node's addresses read from netlink at start. IPv4 only: the datapath is IPv4 today.
+fn node_context(
+    args: &Args,
+    startup_ips: &[std::net::IpAddr],
+    node: Option<&NodeInfo>,
+) -> NodeContext {
+    let ips = if !args.node_ips.is_empty() {
+        &args.node_ips
+    } else if let Some(n) = node.filter(|n| !n.addresses.is_empty()) {
+        &n.addresses
+    } else {
+        startup_ips
+    };
+    let mut ips: Vec<std::net::Ipv4Addr> = ips
+        .iter()
+        .filter_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(*v4),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    NodeContext { ips }
+}
+
 /// One sync; returns whether some map operation failed (and a retry is due).
 fn sync(
     reconciler: &mut Reconciler<Maps>,
@@ -241,10 +272,11 @@ fn sync(
     metrics: &Metrics,
     caps: &Capacities,
     cache: &mut DesiredCache,
+    node: &NodeContext,
 ) -> bool {
     let snapshot = &update.snapshot;
     let started = Instant::now();
-    let (desired, recomputed) = cache.update(snapshot);
+    let (desired, recomputed) = cache.update(snapshot, node);
     let report = reconciler.sync(&desired);
     let elapsed = started.elapsed();
     metrics.sync_duration.observe(elapsed.as_secs_f64());

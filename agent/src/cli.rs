@@ -39,7 +39,8 @@ pub struct Args {
     #[arg(long, value_name = "PREFIX", default_value = "lxc")]
     pub pod_iface_prefix: String,
 
-    /// Interface facing outside the node (repeatable); reserved for NodePort/LoadBalancer, checked to exist.
+    /// Interface facing outside the node (repeatable): the datapath is attached to its ingress so NodePorts,
+    /// externalIPs and LoadBalancer IPs are balanced for outside clients. Must exist at start.
     #[arg(long = "external-iface", value_name = "IFACE")]
     pub external_ifaces: Vec<String>,
 

@@ -78,9 +78,10 @@ enum Kind {
     HttpRoute,
 }
 
-/// What a watcher stream told us: something changed, or its initial list is complete.
+/// What a watcher stream told us: something changed, a (re-)list began or completed, or it failed.
 enum Signal {
     Changed(Kind),
+    Relisting(Kind),
     Listed(Kind),
     Failed(Kind, String),
 }
@@ -102,6 +103,7 @@ where
         .reflect(writer)
         .map(move |ev| match ev {
             Ok(watcher::Event::InitDone) => Signal::Listed(kind),
+            Ok(watcher::Event::Init) => Signal::Relisting(kind),
             Ok(_) => Signal::Changed(kind),
             Err(e) => Signal::Failed(kind, e.to_string()),
         })
@@ -254,6 +256,12 @@ pub async fn run(
                 }
                 Signal::Changed(kind) => {
                     failing.remove(&kind);
+                }
+                // Hold publishing while a kind re-lists (after 410 Gone): its store is swapped whole at
+                // the end, and a snapshot taken halfway could pair new objects of one kind with stale
+                // objects of another.
+                Signal::Relisting(kind) => {
+                    listed.remove(&kind);
                 }
                 Signal::Failed(kind, e) => {
                     // Report a failure once per kind until it recovers, not on every backoff retry.

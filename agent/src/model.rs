@@ -158,6 +158,8 @@ pub struct ServicePort {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// Allocated for NodePort and LoadBalancer Services; answered on every node IP.
+    pub node_port: Option<u16>,
 }
 
 /// A Service reduced to what the datapath needs; `None` from [`ServiceSpec::from_k8s`] means "valid, but
@@ -167,6 +169,9 @@ pub struct ServiceSpec {
     pub id: NsName,
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip`: balanced like the ClusterIP, on the
+    /// service ports, when traffic for them reaches the node.
+    pub external_ips: Vec<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -248,13 +253,19 @@ impl ServiceSpec {
                 Err(_) => return Err(FieldError::new(field, format!("invalid IP address {ip:?}"))),
             }
         }
+        let exposes_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let mut ports = Vec::new();
         for (i, p) in spec.ports.iter().flatten().enumerate() {
             let field = format!("spec.ports[{i}]");
+            let node_port = match (exposes_node_ports, p.node_port) {
+                (true, Some(n)) => Some(port_number(n, &format!("{field}.nodePort"))?),
+                _ => None,
+            };
             let port = ServicePort {
                 name: p.name.clone().unwrap_or_default(),
                 port: port_number(p.port, &format!("{field}.port"))?,
                 protocol: Protocol::parse(p.protocol.as_deref(), &format!("{field}.protocol"))?,
+                node_port,
             };
             if ports
                 .iter()
@@ -273,10 +284,45 @@ impl ServiceSpec {
             }
             ports.push(port);
         }
+        let mut external_ips = Vec::new();
+        for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) => external_ips.push(v4),
+                Ok(IpAddr::V6(_)) => {}
+                Err(_) => {
+                    return Err(FieldError::new(
+                        format!("spec.externalIPs[{i}]"),
+                        format!("invalid IP address {ip:?}"),
+                    ));
+                }
+            }
+        }
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            if let Some(ip) = &ing.ip {
+                match ip.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(v4)) => external_ips.push(v4),
+                    Ok(IpAddr::V6(_)) => {}
+                    Err(_) => {
+                        return Err(FieldError::new(
+                            format!("status.loadBalancer.ingress[{i}].ip"),
+                            format!("invalid IP address {ip:?}"),
+                        ));
+                    }
+                }
+            }
+        }
+        external_ips.sort();
+        external_ips.dedup();
         Ok(Some(ServiceSpec {
             id,
             cluster_ips,
             ports,
+            external_ips,
         }))
     }
 }
@@ -352,6 +398,7 @@ impl SliceSpec {
 pub fn desired<'a>(
     services: impl IntoIterator<Item = &'a ServiceSpec>,
     slices: impl IntoIterator<Item = &'a SliceSpec>,
+    node: &NodeContext,
 ) -> Desired {
     let by_service = slices_by_service(slices);
     let mut frontends = BTreeMap::new();
@@ -360,9 +407,15 @@ pub fn desired<'a>(
             .get(&svc.id)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        frontends.extend(service_frontends(svc, slices));
+        frontends.extend(service_frontends(svc, slices, node));
     }
     Desired { frontends }
+}
+
+/// What frontends depend on besides the objects: the node's own addresses (NodePorts answer on each).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeContext {
+    pub ips: Vec<Ipv4Addr>,
 }
 
 fn slices_by_service<'a>(
@@ -376,7 +429,11 @@ fn slices_by_service<'a>(
 }
 
 /// The frontends of one Service given its EndpointSlices.
-fn service_frontends(svc: &ServiceSpec, slices: &[&SliceSpec]) -> Vec<(Frontend, FrontendState)> {
+fn service_frontends(
+    svc: &ServiceSpec,
+    slices: &[&SliceSpec],
+    node: &NodeContext,
+) -> Vec<(Frontend, FrontendState)> {
     let mut out = Vec::new();
     for port in &svc.ports {
         let mut backends = BTreeSet::new();
@@ -397,11 +454,20 @@ fn service_frontends(svc: &ServiceSpec, slices: &[&SliceSpec]) -> Vec<(Frontend,
                 });
             }
         }
-        for ip in &svc.cluster_ips {
+        let on_service_port = svc
+            .cluster_ips
+            .iter()
+            .chain(&svc.external_ips)
+            .map(|ip| (*ip, port.port));
+        let on_node_port = port
+            .node_port
+            .into_iter()
+            .flat_map(|np| node.ips.iter().map(move |ip| (*ip, np)));
+        for (ip, number) in on_service_port.chain(on_node_port) {
             out.push((
                 Frontend {
-                    ip: *ip,
-                    port: port.port,
+                    ip,
+                    port: number,
                     protocol: port.protocol,
                 },
                 FrontendState {
@@ -416,10 +482,12 @@ fn service_frontends(svc: &ServiceSpec, slices: &[&SliceSpec]) -> Vec<(Frontend,
 }
 
 /// Keeps each Service's frontends between syncs and recomputes only the Services whose spec or
-/// EndpointSlices changed, so a change to one Service among 100,000 costs one recomputation.
+/// EndpointSlices changed, so a change to one Service among 100,000 costs one recomputation. A change of
+/// the node context recomputes everything.
 #[derive(Default)]
 pub struct DesiredCache {
     entries: BTreeMap<NsName, CacheEntry>,
+    node: NodeContext,
 }
 
 struct CacheEntry {
@@ -430,7 +498,11 @@ struct CacheEntry {
 
 impl DesiredCache {
     /// The desired state for `snapshot`, and how many Services had to be recomputed.
-    pub fn update(&mut self, snapshot: &Snapshot) -> (Desired, usize) {
+    pub fn update(&mut self, snapshot: &Snapshot, node: &NodeContext) -> (Desired, usize) {
+        if *node != self.node {
+            self.entries.clear();
+            self.node = node.clone();
+        }
         let by_service = slices_by_service(snapshot.slices.values());
         let mut recomputed = 0;
         self.entries
@@ -451,7 +523,7 @@ impl DesiredCache {
                 CacheEntry {
                     spec: svc.clone(),
                     slices: slices.iter().map(|s| (*s).clone()).collect(),
-                    frontends: service_frontends(svc, slices),
+                    frontends: service_frontends(svc, slices, node),
                 },
             );
         }

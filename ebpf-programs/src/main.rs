@@ -4,6 +4,7 @@
 #![no_main]
 
 mod csum;
+mod fib;
 mod flow;
 mod maps;
 mod nat;
@@ -67,7 +68,10 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
                 },
                 ctx.len(),
             );
-            return rewrite_or_drop(nat::snat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be));
+            return match nat::snat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be) {
+                Ok(()) => Ok(fib::forward(ctx, entry.nat_addr_be, flow.daddr_be, flow.proto)),
+                Err(e) => rewrite_or_drop(Err(e)),
+            };
         }
         if entry.kind == CT_FORWARD && backend_still_valid(&entry) {
             count(STAT_FWD_ESTABLISHED);

@@ -230,6 +230,83 @@ impl Lab {
         Ok(pod)
     }
 
+    /// Creates a host outside the node, `name`, joined to it by a link: the node side is `iface`
+    /// holding `node_ip/24`, the host side `eth0` holding `host_ip/24` with a default route via
+    /// `node_ip`. It is a [`Pod`] for the test's purposes (run code in it, serve, connect); traffic from it
+    /// reaches the node the way traffic from another machine would, through `iface`.
+    pub fn add_external_host(
+        &self,
+        name: &str,
+        host_ip: impl Into<Ipv4Addr>,
+        iface: &str,
+        node_ip: impl Into<Ipv4Addr>,
+    ) -> anyhow::Result<Pod> {
+        let host_ip: Ipv4Addr = host_ip.into();
+        let node_ip: Ipv4Addr = node_ip.into();
+        ensure!(
+            iface.len() <= MAX_IFNAME,
+            "interface name {iface} is too long"
+        );
+        let node = self.node_netns().to_owned();
+        let netns = NetNs::create(&format!("weir-{}-{name}", self.id))?;
+        let pod = Pod {
+            name: name.to_owned(),
+            netns: netns.name().to_owned(),
+            ip: host_ip,
+            node_iface: iface.to_owned(),
+            shared: self.shared.clone(),
+        };
+        let ns = pod.netns.clone();
+        lock(&self.pods).push(PodEntry {
+            pod: pod.clone(),
+            _netns: netns,
+        });
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n", &node, "link", "add", iface, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ])?;
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{node_ip}/24"),
+            "dev",
+            iface,
+        ])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sysctl(&node, &format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
+        ip(&["-n", &node, "link", "set", iface, "up"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        // Full checksums on the wire here too, so every receiver verifies the translated packets.
+        netns::run(
+            "ip",
+            &["netns", "exec", &ns, "ethtool", "-K", "eth0", "tx", "off"],
+        )?;
+        netns::run(
+            "ip",
+            &["netns", "exec", &node, "ethtool", "-K", iface, "tx", "off"],
+        )?;
+        ip(&[
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &node_ip.to_string(),
+        ])?;
+        Ok(pod)
+    }
+
     /// The handle of pod `name`. Panics if the lab has no such pod (a bug in the test).
     pub fn pod(&self, name: &str) -> Pod {
         let pods = lock(&self.pods);

@@ -8,6 +8,7 @@
 //! Every lab needs root; the harness panics (never skips) without it.
 
 pub mod agent;
+pub mod apiserver;
 pub mod backend;
 pub mod client;
 pub mod lab;

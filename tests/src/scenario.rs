@@ -149,6 +149,65 @@ impl fmt::Display for Tally {
     }
 }
 
+/// The node's address on the link to [`OUTSIDE`], where NodePorts answer for outside clients.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
+/// A host outside the node, `(name, address)`, reached through [`EXTERNAL_IFACE`].
+pub const OUTSIDE: (&str, [u8; 4]) = ("outside", [172, 30, 0, 2]);
+/// The node's interface towards [`OUTSIDE`] (the agent's `--external-iface`).
+pub const EXTERNAL_IFACE: &str = "ext0";
+/// NodePorts of the echo Service's `(tcp, udp, http)` ports when it is of type NodePort.
+pub const NODE_PORTS: (u16, u16, u16) = (30080, 30053, 30081);
+
+/// [`echo_service`] as type NodePort, with [`NODE_PORTS`].
+pub fn echo_nodeport_service(
+    name: &str,
+    cluster_ip: Ipv4Addr,
+    endpoints: &[(Ipv4Addr, bool)],
+) -> String {
+    echo_service(name, cluster_ip, endpoints)
+        .replacen("type: ClusterIP", "type: NodePort", 1)
+        .replacen(
+            &format!("targetPort: {}\n", TCP_PORT.1),
+            &format!(
+                "targetPort: {}\n    nodePort: {}\n",
+                TCP_PORT.1, NODE_PORTS.0
+            ),
+            1,
+        )
+        .replacen(
+            &format!("targetPort: {}\n", UDP_PORT.1),
+            &format!(
+                "targetPort: {}\n    nodePort: {}\n",
+                UDP_PORT.1, NODE_PORTS.1
+            ),
+            1,
+        )
+        .replacen(
+            &format!("targetPort: {}\n", HTTP_PORT.1),
+            &format!(
+                "targetPort: {}\n    nodePort: {}\n",
+                HTTP_PORT.1, NODE_PORTS.2
+            ),
+            1,
+        )
+}
+
+/// The standard scene with an outside host: the three backends, the client pod, [`OUTSIDE`] behind
+/// [`EXTERNAL_IFACE`], `echo.yaml` as a NodePort Service, and a healthy agent attached to the external
+/// interface. Returns `(backends, client, outside, agent)`.
+pub fn start_with_outside(lab: &Lab) -> anyhow::Result<(Vec<Pod>, Pod, Pod, crate::Agent<'_>)> {
+    let (backends, client) = add_standard_pods(lab)?;
+    let outside = lab.add_external_host(OUTSIDE.0, OUTSIDE.1, EXTERNAL_IFACE, NODE_IP)?;
+    let ready_all = ready(&backends.iter().collect::<Vec<_>>());
+    lab.write_config(
+        "echo.yaml",
+        &echo_nodeport_service("echo", CLUSTER_IP, &ready_all),
+    )?;
+    let mut agent = lab.start_agent(&["--external-iface", EXTERNAL_IFACE])?;
+    agent.wait_healthy(HEALTHY_TIMEOUT)?;
+    Ok((backends, client, outside, agent))
+}
+
 /// How long an agent may take from start to its first healthy answer (debug builds load slowly).
 pub const HEALTHY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 

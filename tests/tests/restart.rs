@@ -1,102 +1,119 @@
-//! Restart without disruption: the agent is SIGKILLed and restarted while a long-lived TCP stream and a
-//! UDP flow run through a ClusterIP. Pinned maps and pinned program links keep the datapath serving while
-//! no agent runs; the new agent adopts them (replacing the program atomically) and keeps conntrack state.
+//! Restart without disruption: the agent is SIGKILLed and restarted while long-lived TCP streams and UDP
+//! flows run through a ClusterIP (from a pod) and a NodePort (from a host outside the node). Pinned maps
+//! and pinned program links keep the datapath serving while no agent runs; the new agent adopts them
+//! (replacing the program atomically) and keeps conntrack state.
 
 use std::{
-    net::UdpSocket,
+    collections::BTreeSet,
+    net::{SocketAddr, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    thread,
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
 use weir_tests::{
-    Lab,
-    scenario::{self, TCP_PORT, UDP_PORT, cluster_addr, parse_greeting},
+    Lab, Pod,
+    scenario::{
+        self, EXTERNAL_IFACE, NODE_IP, NODE_PORTS, TCP_PORT, UDP_PORT, cluster_addr, parse_greeting,
+    },
 };
 
 const T: Duration = Duration::from_secs(2);
-/// Pace of both flows: fast enough that the kill and the restart land mid-stream many times over.
+/// Pace of every flow: fast enough that the kill and the restart land mid-stream many times over.
 const TICK: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Default)]
 struct FlowReport {
+    what: String,
     sent: usize,
     answered: usize,
-    backends: std::collections::BTreeSet<String>,
+    backends: BTreeSet<String>,
     errors: Vec<String>,
+}
+
+/// A long-lived TCP connection to `addr`: every line must come back, in order, from the same backend.
+fn tcp_stream(pod: &Pod, addr: SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<FlowReport> {
+    let mut conn = pod.tcp_connect(addr, T).expect("connect");
+    let (backend, _) = parse_greeting(&conn.read_line().expect("greeting")).expect("greeting");
+    let what = format!("TCP {} -> {addr}", pod.name());
+    thread::spawn(move || {
+        let mut r = FlowReport {
+            what,
+            ..FlowReport::default()
+        };
+        r.backends.insert(backend.clone());
+        while !stop.load(Ordering::Relaxed) {
+            let line = format!("seq {}", r.sent);
+            r.sent += 1;
+            match conn.exchange(&line) {
+                Ok(reply) if reply == format!("{backend} {line}") => r.answered += 1,
+                Ok(reply) => r.errors.push(format!("{line}: wrong reply {reply:?}")),
+                Err(e) => {
+                    r.errors.push(format!("{line}: {e}"));
+                    break;
+                }
+            }
+            thread::sleep(TICK);
+        }
+        r
+    })
+}
+
+/// A UDP flow on one connected socket (one 5-tuple): every datagram must be answered.
+fn udp_flow(pod: &Pod, addr: SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<FlowReport> {
+    let udp: UdpSocket = pod
+        .run(|| {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(addr)?;
+            s.set_read_timeout(Some(T))?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .expect("enter netns")
+        .expect("udp socket");
+    let what = format!("UDP {} -> {addr}", pod.name());
+    thread::spawn(move || {
+        let mut r = FlowReport {
+            what,
+            ..FlowReport::default()
+        };
+        let mut buf = [0u8; 512];
+        while !stop.load(Ordering::Relaxed) {
+            r.sent += 1;
+            match udp.send(b"ping").and_then(|_| udp.recv(&mut buf)) {
+                Ok(n) => {
+                    r.answered += 1;
+                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                    match parse_greeting(&text) {
+                        Ok((backend, _)) => {
+                            r.backends.insert(backend);
+                        }
+                        Err(e) => r.errors.push(format!("bad reply {text:?}: {e}")),
+                    }
+                }
+                Err(e) => r.errors.push(format!("datagram {}: {e}", r.sent)),
+            }
+            thread::sleep(TICK);
+        }
+        r
+    })
 }
 
 #[test]
 fn sigkill_and_restart_lose_no_byte_of_established_flows_and_serve_new_connections_within_2s() {
     let lab = Lab::new().expect("lab");
-    let (_backends, client, mut agent) = scenario::start_standard(&lab).expect("standard scene");
+    let (_backends, client, outside, mut agent) =
+        scenario::start_with_outside(&lab).expect("scene");
+    let node_port = |p: u16| SocketAddr::from((NODE_IP, p));
     let stop = Arc::new(AtomicBool::new(false));
-
-    // A long-lived TCP stream: every line must come back, in order, from the same backend.
-    let mut conn = client
-        .tcp_connect(cluster_addr(TCP_PORT.0), T)
-        .expect("connect");
-    let (tcp_backend, _) = parse_greeting(&conn.read_line().expect("greeting")).expect("greeting");
-    let tcp = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let mut r = FlowReport::default();
-            while !stop.load(Ordering::Relaxed) {
-                let line = format!("seq {}", r.sent);
-                r.sent += 1;
-                match conn.exchange(&line) {
-                    Ok(reply) if reply == format!("{tcp_backend} {line}") => r.answered += 1,
-                    Ok(reply) => r.errors.push(format!("{line}: wrong reply {reply:?}")),
-                    Err(e) => {
-                        r.errors.push(format!("{line}: {e}"));
-                        break;
-                    }
-                }
-                thread::sleep(TICK);
-            }
-            r
-        })
-    };
-
-    // A UDP flow on one connected socket (one 5-tuple): every datagram must be answered.
-    let udp: UdpSocket = client
-        .run(|| {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
-            s.connect(cluster_addr(UDP_PORT.0))?;
-            s.set_read_timeout(Some(T))?;
-            Ok::<_, std::io::Error>(s)
-        })
-        .expect("enter client netns")
-        .expect("udp socket");
-    let udp = {
-        let stop = stop.clone();
-        thread::spawn(move || {
-            let mut r = FlowReport::default();
-            let mut buf = [0u8; 512];
-            while !stop.load(Ordering::Relaxed) {
-                r.sent += 1;
-                let res = udp.send(b"ping").and_then(|_| udp.recv(&mut buf));
-                match res {
-                    Ok(n) => {
-                        r.answered += 1;
-                        let text = String::from_utf8_lossy(&buf[..n]).to_string();
-                        match parse_greeting(&text) {
-                            Ok((backend, _)) => {
-                                r.backends.insert(backend);
-                            }
-                            Err(e) => r.errors.push(format!("bad reply {text:?}: {e}")),
-                        }
-                    }
-                    Err(e) => r.errors.push(format!("datagram {}: {e}", r.sent)),
-                }
-                thread::sleep(TICK);
-            }
-            r
-        })
-    };
+    let flows = vec![
+        tcp_stream(&client, cluster_addr(TCP_PORT.0), stop.clone()),
+        udp_flow(&client, cluster_addr(UDP_PORT.0), stop.clone()),
+        tcp_stream(&outside, node_port(NODE_PORTS.0), stop.clone()),
+        udp_flow(&outside, node_port(NODE_PORTS.1), stop.clone()),
+    ];
 
     thread::sleep(Duration::from_millis(500));
     let status = agent.kill().expect("SIGKILL the agent");
@@ -106,59 +123,68 @@ fn sigkill_and_restart_lose_no_byte_of_established_flows_and_serve_new_connectio
     );
     // No agent at all for a while: the pinned links and maps must carry the traffic alone.
     thread::sleep(Duration::from_secs(1));
-    let dead_check = client
+    client
         .tcp_request(cluster_addr(TCP_PORT.0), T)
-        .expect("new connections are balanced even while no agent runs");
-    parse_greeting(&dead_check).expect("greeting");
+        .expect("new ClusterIP connections are balanced while no agent runs");
+    outside
+        .tcp_request(node_port(NODE_PORTS.0), T)
+        .expect("new NodePort connections are balanced while no agent runs");
 
     let restarted_at = Instant::now();
-    let mut agent = lab.start_agent(&[]).expect("restart the agent");
-    // New connections within 2 s of the restart (they never stopped, but the new agent must not break them
-    // while it adopts, replaces and reconciles).
-    let mut served = false;
-    while restarted_at.elapsed() < Duration::from_secs(2) {
-        if client
+    let mut agent = lab
+        .start_agent(&["--external-iface", EXTERNAL_IFACE])
+        .expect("restart the agent");
+    // New connections within 2 s of the restart, on both frontends.
+    let mut served = (false, false);
+    while restarted_at.elapsed() < Duration::from_secs(2) && !(served.0 && served.1) {
+        served.0 |= client
             .tcp_request(cluster_addr(TCP_PORT.0), Duration::from_millis(300))
-            .is_ok()
-        {
-            served = true;
-            break;
-        }
+            .is_ok();
+        served.1 |= outside
+            .tcp_request(node_port(NODE_PORTS.0), Duration::from_millis(300))
+            .is_ok();
         thread::sleep(Duration::from_millis(20));
     }
-    assert!(served, "no new connection served within 2 s of the restart");
+    assert!(
+        served.0,
+        "no new ClusterIP connection served within 2 s of the restart"
+    );
+    assert!(
+        served.1,
+        "no new NodePort connection served within 2 s of the restart"
+    );
     agent
         .wait_healthy(Duration::from_secs(5))
         .expect("restarted agent healthy");
     agent
         .wait_for_log("adopted pinned link", Duration::from_secs(2))
         .expect("the restarted agent adopted the pinned links instead of attaching anew");
-    // Keep both flows running across the new agent's first syncs.
+    // Keep every flow running across the new agent's first syncs.
     thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
 
-    let tcp = tcp.join().expect("tcp thread");
-    let udp = udp.join().expect("udp thread");
-    println!("TCP: {tcp:?}\nUDP: {udp:?}");
-    assert!(tcp.errors.is_empty(), "TCP stream broke: {:?}", tcp.errors);
-    assert_eq!(tcp.sent, tcp.answered, "every TCP line echoed");
-    assert!(
-        tcp.sent > 200,
-        "the TCP stream ran throughout: {}",
-        tcp.sent
-    );
-    assert!(
-        udp.errors.is_empty(),
-        "UDP flow lost datagrams: {:?}",
-        udp.errors
-    );
-    assert_eq!(udp.sent, udp.answered, "every datagram answered");
-    assert_eq!(
-        udp.backends.len(),
-        1,
-        "the UDP flow stayed on one backend: {:?}",
-        udp.backends
-    );
+    for flow in flows {
+        let r = flow.join().expect("flow thread");
+        println!(
+            "{}: sent {} answered {} backends {:?}",
+            r.what, r.sent, r.answered, r.backends
+        );
+        assert!(r.errors.is_empty(), "{}: {:?}", r.what, r.errors);
+        assert_eq!(r.sent, r.answered, "{}: every message answered", r.what);
+        assert!(
+            r.sent > 200,
+            "{}: the flow ran throughout ({})",
+            r.what,
+            r.sent
+        );
+        assert_eq!(
+            r.backends.len(),
+            1,
+            "{}: stayed on one backend: {:?}",
+            r.what,
+            r.backends
+        );
+    }
 
     // Fresh connections after the restart still reach every backend.
     let tally = client

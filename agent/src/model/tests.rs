@@ -44,7 +44,7 @@ fn service_and_slice_yield_one_frontend_per_port_with_ready_backends() {
     let sl = SliceSpec::from_k8s(&slice(WEB_SLICE))
         .expect("valid")
         .expect("ours");
-    let d = desired([&svc], [&sl]);
+    let d = desired([&svc], [&sl], &NodeContext::default());
     assert_eq!(d.frontends.len(), 2);
     let http = &d.frontends[&Frontend {
         ip: Ipv4Addr::new(10, 96, 0, 10),
@@ -72,7 +72,7 @@ fn service_without_slices_has_a_rejecting_frontend() {
     let svc = ServiceSpec::from_k8s(&service(WEB))
         .expect("valid")
         .expect("ours");
-    let d = desired([&svc], []);
+    let d = desired([&svc], [], &NodeContext::default());
     assert_eq!(d.frontends.len(), 2);
     assert!(d.frontends.values().all(|f| f.backends.is_empty()));
 }
@@ -87,7 +87,7 @@ fn slices_of_other_services_or_namespaces_do_not_match() {
     ))
     .expect("valid")
     .expect("ours");
-    let d = desired([&svc], [&other_ns]);
+    let d = desired([&svc], [&other_ns], &NodeContext::default());
     assert!(d.frontends.values().all(|f| f.backends.is_empty()));
 }
 
@@ -162,14 +162,18 @@ fn the_cache_recomputes_only_services_whose_inputs_changed() {
         snapshot.slices.insert(sl.id.clone(), sl);
     }
     let mut cache = DesiredCache::default();
-    let (first, n) = cache.update(&snapshot);
+    let (first, n) = cache.update(&snapshot, &NodeContext::default());
     assert_eq!(n, 1000);
     assert_eq!(
         first,
-        desired(snapshot.services.values(), snapshot.slices.values())
+        desired(
+            snapshot.services.values(),
+            snapshot.slices.values(),
+            &NodeContext::default()
+        )
     );
 
-    let (_, n) = cache.update(&snapshot);
+    let (_, n) = cache.update(&snapshot, &NodeContext::default());
     assert_eq!(n, 0, "nothing changed");
 
     let id = NsName {
@@ -182,10 +186,71 @@ fn the_cache_recomputes_only_services_whose_inputs_changed() {
         name: "svc-9".into(),
     };
     snapshot.services.remove(&gone);
-    let (after, n) = cache.update(&snapshot);
+    let (after, n) = cache.update(&snapshot, &NodeContext::default());
     assert_eq!(n, 1, "only svc-7 recomputed");
     assert_eq!(
         after,
-        desired(snapshot.services.values(), snapshot.slices.values())
+        desired(
+            snapshot.services.values(),
+            snapshot.slices.values(),
+            &NodeContext::default()
+        )
+    );
+}
+
+#[test]
+fn node_ports_answer_on_every_node_ip_and_external_ips_on_the_service_port() {
+    let svc = service(
+        &WEB.replace(
+            "spec:\n",
+            "spec:\n  type: NodePort\n  externalIPs: [203.0.113.7]\n",
+        )
+        .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}"),
+    );
+    let mut with_lb = svc.clone();
+    with_lb.status = Some(
+        serde_yaml::from_str("loadBalancer: {ingress: [{ip: 198.51.100.9}]}").expect("status"),
+    );
+    let spec = ServiceSpec::from_k8s(&with_lb)
+        .expect("valid")
+        .expect("ours");
+    let sl = SliceSpec::from_k8s(&slice(WEB_SLICE))
+        .expect("valid")
+        .expect("ours");
+    let node = NodeContext {
+        ips: vec![Ipv4Addr::new(172, 30, 0, 1), Ipv4Addr::new(172, 31, 0, 1)],
+    };
+    let d = desired([&spec], [&sl], &node);
+    let tcp: Vec<String> = d
+        .frontends
+        .keys()
+        .filter(|f| f.protocol == Protocol::Tcp)
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        tcp,
+        [
+            "10.96.0.10:80/TCP",
+            "172.30.0.1:30080/TCP",
+            "172.31.0.1:30080/TCP",
+            "198.51.100.9:80/TCP",
+            "203.0.113.7:80/TCP"
+        ]
+    );
+    let http = &d.frontends[&Frontend {
+        ip: Ipv4Addr::new(172, 30, 0, 1),
+        port: 30080,
+        protocol: Protocol::Tcp,
+    }];
+    assert_eq!(http.backends.len(), 2, "same backends as the ClusterIP");
+
+    // A ClusterIP Service carrying a stale nodePort gets none.
+    let plain = service(&WEB.replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}"));
+    let spec = ServiceSpec::from_k8s(&plain).expect("valid").expect("ours");
+    assert!(
+        desired([&spec], [&sl], &node)
+            .frontends
+            .keys()
+            .all(|f| f.port != 30080)
     );
 }

@@ -1,0 +1,81 @@
+//! Forwarding without the routing input path: after a reverse translation the packet may carry a source
+//! address local to the node (a NodePort on a node IP), which the kernel's input routing drops as a
+//! martian. A FIB lookup and a redirect to the egress interface send it the way the node's routes say,
+//! as a router would (TTL decremented), and skip the stack's per-packet work on the way.
+use core::mem;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, bpf_fib_lookup as FibParams,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+
+use crate::packet::ETH_HLEN;
+
+const AF_INET: u8 = 2;
+const IP_TTL_OFF: usize = ETH_HLEN + 8;
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+
+/// Redirects the (already rewritten) IPv4 packet towards `daddr_be` per the node's FIB. Returns the TC
+/// verdict; anything the FIB cannot answer (a local destination, no route, TTL about to expire) goes to
+/// the stack as `TC_ACT_OK`, which then decides as it always would.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> i32 {
+    // SAFETY: FibParams is a plain C struct of integers and unions of integers; all-zero is valid.
+    let mut params: FibParams = unsafe { mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    // SAFETY: ctx.skb.skb is the live __sk_buff this program was called with.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = saddr_be;
+    params.__bindgen_anon_4.ipv4_dst = daddr_be;
+    // SAFETY: the helper reads and writes only `params`, whose size we pass.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut params,
+            mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    let ret = ret as u32;
+    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return TC_ACT_OK;
+    }
+    if decrement_ttl(ctx).is_err() {
+        return TC_ACT_OK;
+    }
+    if ret == BPF_FIB_LKUP_RET_NO_NEIGH {
+        // The kernel resolves the neighbour (ARP) and fills in both MAC addresses itself.
+        // SAFETY: plain helper call; a null params pointer with length 0 is the documented form.
+        return unsafe { bpf_redirect_neigh(params.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    let mut eth = [0u8; 12];
+    eth[..6].copy_from_slice(&params.dmac);
+    eth[6..].copy_from_slice(&params.smac);
+    if ctx.store(0, &eth, 0).is_err() {
+        return TC_ACT_OK;
+    }
+    // SAFETY: plain helper call with an ifindex the FIB returned.
+    unsafe { bpf_redirect(params.ifindex, 0) as i32 }
+}
+
+/// A router's TTL decrement, refusing when the packet would expire (the stack then sends the ICMP).
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext) -> Result<(), i64> {
+    // TTL and protocol share one 16-bit checksum word.
+    let word: [u8; 2] = ctx.load(IP_TTL_OFF)?;
+    if word[0] <= 1 {
+        return Err(-1);
+    }
+    let new = [word[0] - 1, word[1]];
+    ctx.l3_csum_replace(
+        IP_CSUM_OFF,
+        u16::from_ne_bytes(word) as u64,
+        u16::from_ne_bytes(new) as u64,
+        2,
+    )?;
+    ctx.store(IP_TTL_OFF, &new[0], 0)
+}
