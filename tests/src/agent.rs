@@ -83,11 +83,12 @@ impl<'lab> Agent<'lab> {
             .parse()
             .context("--health-addr is not an IP:port")?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", lab.node_netns()])
-            .arg(&bin)
-            .arg("--config-dir")
-            .arg(lab.config_dir())
-            .args(["--pod-iface-prefix", lab.pod_iface_prefix()])
+        cmd.args(["netns", "exec", lab.node_netns()]).arg(&bin);
+        // Standalone from the lab's config dir unless the test picks Kubernetes mode.
+        if flag_value(extra_args, "--kubeconfig").is_none() {
+            cmd.arg("--config-dir").arg(lab.config_dir());
+        }
+        cmd.args(["--pod-iface-prefix", lab.pod_iface_prefix()])
             .arg("--bpffs-dir")
             .arg(&bpffs)
             .args(extra_args)
