@@ -195,7 +195,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             () = due => {
                 sync_at = None;
                 if let Some(u) = &update {
-                    let node = node_context(&args, &startup_ips, u.snapshot.node.as_ref());
+                    let node = node_context(&args, &node_name, &startup_ips, u.snapshot.node.as_ref());
                     let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache, &node);
                     last_sync = Some(tokio::time::Instant::now());
                     first_sync_done = true;
@@ -243,6 +243,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// them, else the node's addresses read from netlink at start. IPv4 only: the datapath is IPv4 today.
 fn node_context(
     args: &Args,
+    name: &str,
     startup_ips: &[std::net::IpAddr],
     node: Option<&NodeInfo>,
 ) -> NodeContext {
@@ -262,7 +263,16 @@ fn node_context(
         .collect();
     ips.sort();
     ips.dedup();
-    NodeContext { ips }
+    // The flag wins, as kube-proxy's flags win over what it reads from its Node.
+    let zone = args
+        .node_zone
+        .clone()
+        .or_else(|| node.and_then(|n| n.zone.clone()));
+    NodeContext {
+        ips,
+        name: name.to_owned(),
+        zone,
+    }
 }
 
 /// One sync; returns whether some map operation failed (and a retry is due).

@@ -26,6 +26,11 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
 
+    /// This node's zone, for topology-aware routing (`trafficDistribution: PreferClose`, zone hints);
+    /// default: the Node's `topology.kubernetes.io/zone` label in Kubernetes mode, none in standalone mode.
+    #[arg(long, value_name = "ZONE")]
+    pub node_zone: Option<String>,
+
     /// Least time between two syncs: changes arriving faster are coalesced into one (kube-proxy's
     /// --min-sync-period).
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]

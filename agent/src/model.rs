@@ -14,6 +14,9 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Headless services have no ClusterIP to balance.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Topology-aware routing, as kube-proxy reads it (current and deprecated names).
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+pub const ANNOTATION_TOPOLOGY_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NsName {
@@ -99,8 +102,10 @@ impl fmt::Display for BackendAddr {
 pub struct FrontendState {
     pub service: NsName,
     pub port_name: String,
-    /// Ready backends; empty means the frontend rejects.
+    /// Backends chosen by kube-proxy's rules (ready, else serving-terminating; policy; topology).
     pub backends: BTreeSet<BackendAddr>,
+    /// With no backend: drop (a Local traffic policy with no local endpoint) rather than reject.
+    pub drop_when_empty: bool,
 }
 
 /// Everything a source currently holds, keyed by namespace/name; sources publish it whole.
@@ -172,6 +177,13 @@ pub struct ServiceSpec {
     /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip`: balanced like the ClusterIP, on the
     /// service ports, when traffic for them reaches the node.
     pub external_ips: Vec<Ipv4Addr>,
+    /// `internalTrafficPolicy: Local`: ClusterIP traffic only to endpoints on this node.
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local`: NodePort/external traffic only to endpoints on this node.
+    pub external_local: bool,
+    /// `trafficDistribution: PreferClose` (or the topology-mode annotation): prefer endpoints hinted for
+    /// this node's zone.
+    pub prefer_close: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,6 +197,12 @@ pub struct SlicePort {
 pub struct Endpoint {
     pub ip: Ipv4Addr,
     pub ready: bool,
+    /// Serving while terminating: used only when no endpoint is ready (kube-proxy's fallback).
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    /// `hints.forZones`; `None` when the endpoint carries no hints.
+    pub zones: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -318,11 +336,24 @@ impl ServiceSpec {
         }
         external_ips.sort();
         external_ips.dedup();
+        let topology_annotation = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| {
+                a.get(ANNOTATION_TOPOLOGY_MODE)
+                    .or_else(|| a.get(ANNOTATION_TOPOLOGY_HINTS))
+            })
+            .is_some_and(|v| v != "Disabled" && v != "disabled" && !v.is_empty());
         Ok(Some(ServiceSpec {
             id,
             cluster_ips,
             ports,
             external_ips,
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            prefer_close: spec.traffic_distribution.as_deref() == Some("PreferClose")
+                || topology_annotation,
         }))
     }
 }
@@ -370,8 +401,17 @@ impl SliceSpec {
         }
         let mut endpoints = Vec::new();
         for (i, ep) in slice.endpoints.iter().flatten().enumerate() {
-            // The API defines a nil `ready` as ready.
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let cond = ep.conditions.as_ref();
+            // The API defines a nil `ready` as ready, a nil `serving` as `ready`, and a nil
+            // `terminating` as not terminating.
+            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+            let zones = ep
+                .hints
+                .as_ref()
+                .and_then(|h| h.for_zones.as_ref())
+                .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>());
             for (j, addr) in ep.addresses.iter().enumerate() {
                 let ip = addr.parse::<Ipv4Addr>().map_err(|_| {
                     FieldError::new(
@@ -379,7 +419,14 @@ impl SliceSpec {
                         format!("invalid IPv4 address {addr:?}"),
                     )
                 })?;
-                endpoints.push(Endpoint { ip, ready });
+                endpoints.push(Endpoint {
+                    ip,
+                    ready,
+                    serving,
+                    terminating,
+                    node_name: ep.node_name.clone(),
+                    zones: zones.clone(),
+                });
             }
         }
         Ok(Some(SliceSpec {
@@ -416,6 +463,10 @@ pub fn desired<'a>(
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
     pub ips: Vec<Ipv4Addr>,
+    /// This node's name: endpoints whose `nodeName` equals it are local.
+    pub name: String,
+    /// This node's zone (`topology.kubernetes.io/zone`), for topology hints.
+    pub zone: Option<String>,
 }
 
 fn slices_by_service<'a>(
@@ -436,49 +487,117 @@ fn service_frontends(
 ) -> Vec<(Frontend, FrontendState)> {
     let mut out = Vec::new();
     for port in &svc.ports {
-        let mut backends = BTreeSet::new();
+        // Every endpoint of this port, with the port number its slice gives it.
+        let mut endpoints: Vec<(&Endpoint, u16)> = Vec::new();
         for slice in slices {
             // A slice port matches the service port by name (both unnamed for single-port services).
-            let Some(sp) = slice
+            if let Some(sp) = slice
                 .ports
                 .iter()
                 .find(|sp| sp.name == port.name && sp.protocol == port.protocol)
-            else {
-                continue;
-            };
-            for ep in slice.endpoints.iter().filter(|ep| ep.ready) {
-                backends.insert(BackendAddr {
-                    ip: ep.ip,
-                    port: sp.port,
-                    protocol: port.protocol,
-                });
+            {
+                endpoints.extend(slice.endpoints.iter().map(|ep| (ep, sp.port)));
             }
         }
-        let on_service_port = svc
-            .cluster_ips
-            .iter()
-            .chain(&svc.external_ips)
-            .map(|ip| (*ip, port.port));
+        let addrs = |chosen: Vec<(&Endpoint, u16)>| -> BTreeSet<BackendAddr> {
+            chosen
+                .into_iter()
+                .map(|(ep, p)| BackendAddr {
+                    ip: ep.ip,
+                    port: p,
+                    protocol: port.protocol,
+                })
+                .collect()
+        };
+        let internal = addrs(select(
+            &endpoints,
+            svc.internal_local,
+            svc.prefer_close,
+            node,
+        ));
+        let external = addrs(select(
+            &endpoints,
+            svc.external_local,
+            svc.prefer_close,
+            node,
+        ));
+
+        let state = |backends: &BTreeSet<BackendAddr>, local: bool| FrontendState {
+            service: svc.id.clone(),
+            port_name: port.name.clone(),
+            backends: backends.clone(),
+            drop_when_empty: local,
+        };
+        for ip in &svc.cluster_ips {
+            let f = Frontend {
+                ip: *ip,
+                port: port.port,
+                protocol: port.protocol,
+            };
+            out.push((f, state(&internal, svc.internal_local)));
+        }
+        // Traffic to these comes from outside the cluster network: externalTrafficPolicy governs it.
+        let on_external_ip = svc.external_ips.iter().map(|ip| (*ip, port.port));
         let on_node_port = port
             .node_port
             .into_iter()
             .flat_map(|np| node.ips.iter().map(move |ip| (*ip, np)));
-        for (ip, number) in on_service_port.chain(on_node_port) {
-            out.push((
-                Frontend {
-                    ip,
-                    port: number,
-                    protocol: port.protocol,
-                },
-                FrontendState {
-                    service: svc.id.clone(),
-                    port_name: port.name.clone(),
-                    backends: backends.clone(),
-                },
-            ));
+        for (ip, number) in on_external_ip.chain(on_node_port) {
+            let f = Frontend {
+                ip,
+                port: number,
+                protocol: port.protocol,
+            };
+            out.push((f, state(&external, svc.external_local)));
         }
     }
     out
+}
+
+/// kube-proxy's endpoint selection (pkg/proxy/topology.go, CategorizeEndpoints) for one traffic policy:
+/// with `local`, only endpoints on this node; ready endpoints, or when none is ready the serving and
+/// terminating ones; for cluster-wide policy with topology preferred, the endpoints hinted for this
+/// node's zone, when every ready endpoint carries hints and some are for this zone.
+fn select<'a>(
+    endpoints: &[(&'a Endpoint, u16)],
+    local: bool,
+    prefer_close: bool,
+    node: &NodeContext,
+) -> Vec<(&'a Endpoint, u16)> {
+    let candidates: Vec<(&Endpoint, u16)> = endpoints
+        .iter()
+        .filter(|(ep, _)| !local || ep.node_name.as_deref() == Some(node.name.as_str()))
+        .copied()
+        .collect();
+    let ready: Vec<(&Endpoint, u16)> = candidates
+        .iter()
+        .filter(|(ep, _)| ep.ready)
+        .copied()
+        .collect();
+    let chosen = if ready.is_empty() {
+        candidates
+            .into_iter()
+            .filter(|(ep, _)| ep.serving && ep.terminating)
+            .collect()
+    } else {
+        ready
+    };
+    if local || !prefer_close {
+        return chosen;
+    }
+    let Some(zone) = node.zone.as_deref() else {
+        return chosen;
+    };
+    let all_hinted = chosen.iter().all(|(ep, _)| ep.zones.is_some());
+    let for_zone = |ep: &Endpoint| {
+        ep.zones
+            .as_ref()
+            .is_some_and(|z| z.iter().any(|z| z == zone))
+    };
+    if !all_hinted || !chosen.iter().any(|(ep, _)| for_zone(ep)) {
+        return chosen;
+    }
+    chosen.into_iter().filter(|(ep, _)| for_zone(ep)).collect()
 }
 
 /// Keeps each Service's frontends between syncs and recomputes only the Services whose spec or

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tracing::{error, warn};
-use weir_common::{Backend, SVC_FLAG_REJECT, ServiceKey, ServiceValue};
+use weir_common::{Backend, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey, ServiceValue};
 
 use crate::{
     maglev,
@@ -47,6 +47,7 @@ struct Programmed {
     value: ServiceValue,
     /// `None` for a frontend adopted from pinned maps: its backend set is unknown, so it is rewritten.
     backends: Option<BTreeSet<BackendAddr>>,
+    drop_when_empty: bool,
 }
 
 /// Counts of one sync, for logs and metrics.
@@ -107,6 +108,7 @@ impl<W: MapWriter> Reconciler<W> {
                 Programmed {
                     value,
                     backends: None,
+                    drop_when_empty: false,
                 },
             );
         }
@@ -209,14 +211,14 @@ impl<W: MapWriter> Reconciler<W> {
 
         for (frontend, state) in &desired.frontends {
             let key = service_key(frontend);
-            if self
-                .frontends
-                .get(&key)
-                .is_some_and(|p| p.backends.as_ref() == Some(&state.backends))
-            {
+            if self.frontends.get(&key).is_some_and(|p| {
+                // An empty frontend is also rewritten when it switches between reject and drop.
+                p.backends.as_ref() == Some(&state.backends)
+                    && (!state.backends.is_empty() || p.drop_when_empty == state.drop_when_empty)
+            }) {
                 continue;
             }
-            match self.write_frontend(key, &state.backends) {
+            match self.write_frontend(key, &state.backends, state.drop_when_empty) {
                 Ok(()) => report.frontends_written += 1,
                 Err(e) => {
                     error!(frontend = %frontend, service = %state.service, "cannot program frontend: {e}");
@@ -309,13 +311,18 @@ impl<W: MapWriter> Reconciler<W> {
         &mut self,
         key: ServiceKey,
         backends: &BTreeSet<BackendAddr>,
+        drop_when_empty: bool,
     ) -> Result<(), MapError> {
         let value = if backends.is_empty() {
             ServiceValue {
                 table_id: 0,
                 table_size: 0,
                 backend_count: 0,
-                flags: SVC_FLAG_REJECT,
+                flags: if drop_when_empty {
+                    SVC_FLAG_DROP
+                } else {
+                    SVC_FLAG_REJECT
+                },
             }
         } else {
             let members: Vec<(Vec<u8>, u32)> = backends
@@ -354,6 +361,7 @@ impl<W: MapWriter> Reconciler<W> {
             Programmed {
                 value,
                 backends: Some(backends.clone()),
+                drop_when_empty,
             },
         );
         if let Some(old) = old {

@@ -38,6 +38,9 @@ pub const PROTO_UDP: u8 = 17;
 /// `ServiceValue::flags`: the service has no ready endpoint; the datapath rejects (TCP RST / ICMP
 /// port unreachable) like kube-proxy's REJECT rule.
 pub const SVC_FLAG_REJECT: u32 = 1;
+/// `ServiceValue::flags`: a traffic policy of Local left this frontend without a usable endpoint on this
+/// node; kube-proxy drops such traffic silently rather than rejecting it.
+pub const SVC_FLAG_DROP: u32 = 2;
 
 /// `CtValue::kind`: the entry rewrites the destination (client → frontend becomes client → backend).
 pub const CT_FORWARD: u8 = 1;
@@ -55,7 +58,10 @@ pub const STAT_DROP_REJECT_FAILED: u32 = 6;
 pub const STAT_DROP_REWRITE_FAILED: u32 = 7;
 pub const STAT_PASS_NOT_SERVICE: u32 = 8;
 pub const STAT_PASS_UNPARSED: u32 = 9;
-pub const STAT_COUNT: u32 = 10;
+pub const STAT_DROP_NO_LOCAL_ENDPOINT: u32 = 10;
+pub const STAT_COUNT: u32 = 11;
+/// Size of `MAP_STATS`: room for counters added later, so a pinned map survives an upgrade that adds one.
+pub const STAT_SLOTS: u32 = 64;
 
 /// Human names of the counters, in index order (metrics labels, CLI).
 pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
@@ -69,6 +75,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_rewrite_failed",
     "pass_not_service",
     "pass_unparsed",
+    "drop_no_local_endpoint",
 ];
 
 /// A frontend: the address a client connects to.

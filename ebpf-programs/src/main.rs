@@ -18,9 +18,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
-    CT_FORWARD, CT_REVERSE, CtKey, CtValue, STAT_DROP_NO_BACKEND, STAT_DROP_REWRITE_FAILED,
-    STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE, STAT_PASS_UNPARSED,
-    STAT_REVERSE_NAT, SVC_FLAG_REJECT, ServiceKey,
+    CT_FORWARD, CT_REVERSE, CtKey, CtValue, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT,
+    STAT_DROP_REWRITE_FAILED, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE,
+    STAT_PASS_UNPARSED, STAT_REVERSE_NAT, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey,
 };
 
 use crate::{
@@ -69,7 +69,12 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
                 ctx.len(),
             );
             return match nat::snat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be) {
-                Ok(()) => Ok(fib::forward(ctx, entry.nat_addr_be, flow.daddr_be, flow.proto)),
+                Ok(()) => Ok(fib::forward(
+                    ctx,
+                    entry.nat_addr_be,
+                    flow.daddr_be,
+                    flow.proto,
+                )),
                 Err(e) => rewrite_or_drop(Err(e)),
             };
         }
@@ -102,6 +107,10 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: pointer from a successful lookup; ServiceValue is plain data and the agent replaces
     // entries whole (one update per frontend), so the copy is a consistent value.
     let svc = unsafe { *svc };
+    if svc.flags & SVC_FLAG_DROP != 0 {
+        count(STAT_DROP_NO_LOCAL_ENDPOINT);
+        return Ok(TC_ACT_SHOT);
+    }
     if svc.flags & SVC_FLAG_REJECT != 0 || svc.table_size == 0 {
         return Ok(reject::reject(ctx, &flow));
     }

@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use weir_common::{
     Backend, CtKey, CtValue, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
-    DEFAULT_MAGLEV_TABLES_MAX, DEFAULT_SERVICES_MAX, MAGLEV_TABLE_FLAGS, STAT_COUNT, ServiceCounters, ServiceKey,
-    ServiceValue,
+    DEFAULT_MAGLEV_TABLES_MAX, DEFAULT_SERVICES_MAX, MAGLEV_TABLE_FLAGS, STAT_SLOTS,
+    ServiceCounters, ServiceKey, ServiceValue,
 };
 
 #[map(name = "WEIR_SERVICES")]
@@ -29,7 +29,7 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_BACKENDS_MA
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CONNTRACK_MAX, 0);
 
 #[map(name = "WEIR_STATS")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_COUNT, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_SLOTS, 0);
 
 /// Sized like `WEIR_SERVICES`: one entry per frontend that saw traffic; the agent deletes it with the
 /// frontend.

@@ -219,6 +219,7 @@ fn node_ports_answer_on_every_node_ip_and_external_ips_on_the_service_port() {
         .expect("ours");
     let node = NodeContext {
         ips: vec![Ipv4Addr::new(172, 30, 0, 1), Ipv4Addr::new(172, 31, 0, 1)],
+        ..NodeContext::default()
     };
     let d = desired([&spec], [&sl], &node);
     let tcp: Vec<String> = d
@@ -253,4 +254,176 @@ fn node_ports_answer_on_every_node_ip_and_external_ips_on_the_service_port() {
             .keys()
             .all(|f| f.port != 30080)
     );
+}
+
+const POLICY_SLICE: &str = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-abc, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.0.0.1]
+  nodeName: node-a
+  conditions: {ready: true, serving: true, terminating: false}
+  hints: {forZones: [{name: zone-a}]}
+- addresses: [10.0.0.2]
+  nodeName: node-b
+  conditions: {ready: true, serving: true, terminating: false}
+  hints: {forZones: [{name: zone-b}]}
+- addresses: [10.0.0.3]
+  nodeName: node-a
+  conditions: {ready: false, serving: true, terminating: true}
+  hints: {forZones: [{name: zone-a}]}
+- addresses: [10.0.0.4]
+  nodeName: node-b
+  conditions: {ready: false, serving: false, terminating: true}
+"#;
+
+fn http_backends(
+    svc_yaml: &str,
+    slice_yaml: &str,
+    node: &NodeContext,
+    frontend: Frontend,
+) -> (Vec<String>, bool) {
+    let spec = ServiceSpec::from_k8s(&service(svc_yaml))
+        .expect("valid")
+        .expect("ours");
+    let sl = SliceSpec::from_k8s(&slice(slice_yaml))
+        .expect("valid")
+        .expect("ours");
+    let d = desired([&spec], [&sl], node);
+    let f = &d.frontends[&frontend];
+    (
+        f.backends.iter().map(|b| b.ip.to_string()).collect(),
+        f.drop_when_empty,
+    )
+}
+
+fn cluster_http() -> Frontend {
+    Frontend {
+        ip: Ipv4Addr::new(10, 96, 0, 10),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn node(name: &str, zone: Option<&str>) -> NodeContext {
+    NodeContext {
+        ips: vec![Ipv4Addr::new(172, 30, 0, 1)],
+        name: name.into(),
+        zone: zone.map(Into::into),
+    }
+}
+
+#[test]
+fn ready_endpoints_are_used_and_serving_terminating_ones_only_when_none_is_ready() {
+    let (b, _) = http_backends(WEB, POLICY_SLICE, &node("node-a", None), cluster_http());
+    assert_eq!(b, ["10.0.0.1", "10.0.0.2"]);
+    // Only terminating endpoints left: the serving one takes new connections, the non-serving one never.
+    let only_terminating = POLICY_SLICE.replace(
+        "conditions: {ready: true, serving: true, terminating: false}",
+        "conditions: {ready: false, serving: false, terminating: true}",
+    );
+    let (b, drop) = http_backends(
+        WEB,
+        &only_terminating,
+        &node("node-a", None),
+        cluster_http(),
+    );
+    assert_eq!(b, ["10.0.0.3"]);
+    assert!(!drop);
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_only_this_nodes_endpoints_and_drops_without_one() {
+    let itp = WEB.replace("spec:\n", "spec:\n  internalTrafficPolicy: Local\n");
+    let (b, drop) = http_backends(&itp, POLICY_SLICE, &node("node-a", None), cluster_http());
+    assert_eq!(b, ["10.0.0.1"]);
+    assert!(drop, "an empty local set drops, not rejects");
+    let (b, drop) = http_backends(&itp, POLICY_SLICE, &node("node-c", None), cluster_http());
+    assert!(b.is_empty() && drop);
+    // Local endpoints only terminating: the local serving-terminating one is used (fallback per policy).
+    let (b, _) = http_backends(
+        &itp,
+        &POLICY_SLICE.replace(
+            "- addresses: [10.0.0.1]\n  nodeName: node-a",
+            "- addresses: [10.0.0.1]\n  nodeName: node-z",
+        ),
+        &node("node-a", None),
+        cluster_http(),
+    );
+    assert_eq!(b, ["10.0.0.3"]);
+}
+
+#[test]
+fn external_traffic_policy_local_governs_node_ports_but_not_the_cluster_ip() {
+    let etp = WEB
+        .replace(
+            "spec:\n",
+            "spec:\n  type: NodePort\n  externalTrafficPolicy: Local\n",
+        )
+        .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}");
+    let np = Frontend {
+        ip: Ipv4Addr::new(172, 30, 0, 1),
+        port: 30080,
+        protocol: Protocol::Tcp,
+    };
+    let (b, drop) = http_backends(&etp, POLICY_SLICE, &node("node-b", None), np);
+    assert_eq!(b, ["10.0.0.2"]);
+    assert!(drop);
+    let (b, drop) = http_backends(&etp, POLICY_SLICE, &node("node-b", None), cluster_http());
+    assert_eq!(b, ["10.0.0.1", "10.0.0.2"]);
+    assert!(!drop);
+}
+
+#[test]
+fn prefer_close_keeps_traffic_in_zone_only_when_every_endpoint_is_hinted() {
+    let pc = WEB.replace("spec:\n", "spec:\n  trafficDistribution: PreferClose\n");
+    let (b, _) = http_backends(
+        &pc,
+        POLICY_SLICE,
+        &node("node-a", Some("zone-b")),
+        cluster_http(),
+    );
+    assert_eq!(b, ["10.0.0.2"]);
+    // Without PreferClose, hints are ignored.
+    let (b, _) = http_backends(
+        WEB,
+        POLICY_SLICE,
+        &node("node-a", Some("zone-b")),
+        cluster_http(),
+    );
+    assert_eq!(b, ["10.0.0.1", "10.0.0.2"]);
+    // A ready endpoint without hints disables topology for the service.
+    let unhinted = POLICY_SLICE.replace("  hints: {forZones: [{name: zone-b}]}\n", "");
+    let (b, _) = http_backends(
+        &pc,
+        &unhinted,
+        &node("node-a", Some("zone-b")),
+        cluster_http(),
+    );
+    assert_eq!(b, ["10.0.0.1", "10.0.0.2"]);
+    // No endpoint for this node's zone: all are used.
+    let (b, _) = http_backends(
+        &pc,
+        POLICY_SLICE,
+        &node("node-a", Some("zone-x")),
+        cluster_http(),
+    );
+    assert_eq!(b, ["10.0.0.1", "10.0.0.2"]);
+    // The annotation works like the field.
+    let annotated = WEB.replace(
+        "namespace: shop}",
+        "namespace: shop, annotations: {service.kubernetes.io/topology-mode: Auto}}",
+    );
+    let (b, _) = http_backends(
+        &annotated,
+        POLICY_SLICE,
+        &node("node-a", Some("zone-a")),
+        cluster_http(),
+    );
+    assert_eq!(b, ["10.0.0.1"]);
 }

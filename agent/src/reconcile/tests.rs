@@ -83,6 +83,7 @@ fn desired(entries: &[(Frontend, &[u8])]) -> Desired {
                     name: format!("svc-{}", f.ip),
                 },
                 port_name: "http".into(),
+                drop_when_empty: false,
                 backends: backends
                     .iter()
                     .map(|b| BackendAddr {
