@@ -272,6 +272,7 @@ fn node_context(
         ips,
         name: name.to_owned(),
         zone,
+        service_proxy_name: args.service_proxy_name.clone(),
     }
 }
 

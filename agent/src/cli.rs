@@ -31,6 +31,11 @@ pub struct Args {
     #[arg(long, value_name = "ZONE")]
     pub node_zone: Option<String>,
 
+    /// Serve Services labelled `service.kubernetes.io/service-proxy-name` with this value (and unlabelled
+    /// ones); Services labelled with another name belong to another proxy and are skipped.
+    #[arg(long, value_name = "NAME")]
+    pub service_proxy_name: Option<String>,
+
     /// Least time between two syncs: changes arriving faster are coalesced into one (kube-proxy's
     /// --min-sync-period).
     #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]

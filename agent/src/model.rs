@@ -184,6 +184,8 @@ pub struct ServiceSpec {
     /// `trafficDistribution: PreferClose` (or the topology-mode annotation): prefer endpoints hinted for
     /// this node's zone.
     pub prefer_close: bool,
+    /// The `service.kubernetes.io/service-proxy-name` label: only the proxy of that name programs it.
+    pub proxy_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -235,11 +237,12 @@ impl ServiceSpec {
             return Err(FieldError::new("metadata.name", "missing"));
         }
         let labels = svc.metadata.labels.as_ref();
-        if labels.is_some_and(|l| {
-            l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS)
-        }) {
+        if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
             return Ok(None);
         }
+        let proxy_name = labels
+            .and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME))
+            .cloned();
         let Some(spec) = svc.spec.as_ref() else {
             return Err(FieldError::new("spec", "missing"));
         };
@@ -354,6 +357,7 @@ impl ServiceSpec {
             external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
             prefer_close: spec.traffic_distribution.as_deref() == Some("PreferClose")
                 || topology_annotation,
+            proxy_name,
         }))
     }
 }
@@ -467,6 +471,8 @@ pub struct NodeContext {
     pub name: String,
     /// This node's zone (`topology.kubernetes.io/zone`), for topology hints.
     pub zone: Option<String>,
+    /// `--service-proxy-name`: Services labelled for another proxy name (or any, when unset) are skipped.
+    pub service_proxy_name: Option<String>,
 }
 
 fn slices_by_service<'a>(
@@ -486,6 +492,10 @@ fn service_frontends(
     node: &NodeContext,
 ) -> Vec<(Frontend, FrontendState)> {
     let mut out = Vec::new();
+    // kube-proxy's rule: a labelled Service belongs to the proxy of that name only.
+    if svc.proxy_name.is_some() && svc.proxy_name != node.service_proxy_name {
+        return out;
+    }
     for port in &svc.ports {
         // Every endpoint of this port, with the port number its slice gives it.
         let mut endpoints: Vec<(&Endpoint, u16)> = Vec::new();

@@ -135,7 +135,25 @@ fn services_that_are_not_ours_are_skipped() {
         "namespace: shop}",
         "namespace: shop, labels: {service.kubernetes.io/service-proxy-name: other}}",
     ));
-    assert_eq!(ServiceSpec::from_k8s(&other_proxy), Ok(None));
+    let spec = ServiceSpec::from_k8s(&other_proxy)
+        .expect("valid")
+        .expect("parsed");
+    let mut node = NodeContext::default();
+    assert!(
+        desired([&spec], [], &node).frontends.is_empty(),
+        "not ours without a proxy name"
+    );
+    node.service_proxy_name = Some("weir".into());
+    assert!(
+        desired([&spec], [], &node).frontends.is_empty(),
+        "labelled for another proxy"
+    );
+    node.service_proxy_name = Some("other".into());
+    assert_eq!(
+        desired([&spec], [], &node).frontends.len(),
+        2,
+        "ours when the names match"
+    );
 }
 
 #[test]
@@ -315,6 +333,7 @@ fn node(name: &str, zone: Option<&str>) -> NodeContext {
         ips: vec![Ipv4Addr::new(172, 30, 0, 1)],
         name: name.into(),
         zone: zone.map(Into::into),
+        service_proxy_name: None,
     }
 }
 
