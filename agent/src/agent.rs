@@ -85,6 +85,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         backends: args.max_backends,
         maglev_tables: args.max_services.saturating_add(1024),
         conntrack: args.max_conntrack,
+        affinity: args.max_affinity,
     };
     let (mut datapath, maps, stats) = Datapath::load(&args.bpffs_dir, caps)?;
     // Traffic from outside the node (NodePort, externalIPs, LoadBalancer IPs) enters here.
@@ -109,6 +110,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?;
 
+    let mut maps = maps;
     let adopted = maps.dump();
     if !adopted.services.is_empty() {
         info!(

@@ -2,7 +2,9 @@
 use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
-use weir_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_SERVICES_MAX};
+use weir_common::{
+    DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_SERVICES_MAX,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -84,6 +86,10 @@ pub struct Args {
     /// Capacity of the LRU connection-tracking map (two entries per flow).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CONNTRACK_MAX)]
     pub max_conntrack: u32,
+
+    /// Capacity of the LRU ClientIP session-affinity map (one entry per client and frontend).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_AFFINITY_MAX)]
+    pub max_affinity: u32,
 }
 
 /// `250ms`, `1s`, `2m`, or a bare number of seconds.

@@ -20,9 +20,9 @@ use aya::{
 };
 use tracing::{info, warn};
 use weir_common::{
-    Backend, MAGLEV_TABLE_FLAGS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_STATS, PROG_POD_INGRESS, STAT_COUNT, ServiceCounters, ServiceKey,
-    ServiceValue,
+    Backend, MAGLEV_TABLE_FLAGS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV,
+    MAP_MEMBERS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, MemberKey, PROG_POD_INGRESS,
+    STAT_COUNT, ServiceCounters, ServiceKey, ServiceValue,
 };
 
 use crate::reconcile::{Adopted, MapError, MapWriter};
@@ -33,6 +33,7 @@ pub struct Capacities {
     pub services: u32,
     pub backends: u32,
     pub maglev_tables: u32,
+    pub affinity: u32,
     pub conntrack: u32,
 }
 
@@ -100,6 +101,9 @@ pub struct Maps {
     maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
     backends: HashMap<MapData, u32, Backend>,
     service_stats: PerCpuHashMap<MapData, ServiceKey, ServiceCounters>,
+    members: HashMap<MapData, MemberKey, u32>,
+    /// Which backend ids each table's members are, to delete them with the table.
+    member_index: StdHashMap<u32, Vec<u32>>,
 }
 
 /// Read-only handles for metrics.
@@ -125,6 +129,9 @@ impl Datapath {
             .map_max_entries(MAP_BACKENDS, caps.backends)
             .map_max_entries(MAP_MAGLEV, caps.maglev_tables)
             .map_max_entries(MAP_CONNTRACK, caps.conntrack)
+            .map_max_entries(MAP_AFFINITY, caps.affinity)
+            // Each backend usually belongs to one table; swaps briefly hold two.
+            .map_max_entries(MAP_MEMBERS, caps.backends.saturating_mul(4))
             .load(object)
             .map_err(|source| DatapathError::Load {
                 pin_dir: pin_dir.display().to_string(),
@@ -155,6 +162,8 @@ impl Datapath {
                 }
             })?,
             backends: take_map(&mut ebpf, MAP_BACKENDS)?,
+            members: take_map(&mut ebpf, MAP_MEMBERS)?,
+            member_index: StdHashMap::new(),
             service_stats: PerCpuHashMap::try_from(take_raw(&mut ebpf, MAP_SERVICE_STATS)?)
                 .map_err(|source| DatapathError::Map {
                     name: MAP_SERVICE_STATS,
@@ -416,11 +425,33 @@ fn ignore_missing(r: Result<(), AyaMapError>) -> Result<(), AyaMapError> {
 
 impl Maps {
     /// Reads what a previous agent left in the pinned maps.
-    pub fn dump(&self) -> Adopted {
+    pub fn dump(&mut self) -> Adopted {
+        self.member_index.clear();
+        for key in self.members.keys().filter_map(Result::ok) {
+            self.member_index
+                .entry(key.table_id)
+                .or_default()
+                .push(key.backend_id);
+        }
         Adopted {
             services: self.services.iter().filter_map(Result::ok).collect(),
             backends: self.backends.iter().filter_map(Result::ok).collect(),
             tables: self.maglev.keys().filter_map(Result::ok).collect(),
+        }
+    }
+}
+
+impl Maps {
+    fn delete_members(&mut self, table_id: u32) {
+        for backend_id in self.member_index.remove(&table_id).unwrap_or_default() {
+            // Stale members only make an affinity check pass for a backend that is gone from the
+            // table, and BACKENDS is checked too; a failed delete is logged, not fatal.
+            if let Err(e) = ignore_missing(self.members.remove(&MemberKey {
+                table_id,
+                backend_id,
+            })) {
+                warn!(table_id, backend_id, "cannot delete table member: {e}");
+            }
         }
     }
 }
@@ -450,11 +481,33 @@ impl MapWriter for Maps {
             op: "fill table",
             message: e.to_string(),
         })?;
+        // Members first: by the time the table is reachable, affinity checks against it work.
+        let mut members: Vec<u32> = slots.to_vec();
+        members.sort_unstable();
+        members.dedup();
+        for (i, backend_id) in members.iter().enumerate() {
+            let key = MemberKey {
+                table_id,
+                backend_id: *backend_id,
+            };
+            if let Err(e) = self.members.insert(key, 1, 0) {
+                for b in &members[..i] {
+                    let _ = self.members.remove(&MemberKey {
+                        table_id,
+                        backend_id: *b,
+                    });
+                }
+                return Err(map_error(MAP_MEMBERS, "insert", e));
+            }
+        }
+        self.member_index.insert(table_id, members);
         // Only now, complete, does the table become reachable; dropping our fd leaves the map's
         // reference as the only one, so deleting the entry later frees it.
-        self.maglev
-            .insert(table_id, &table, 0)
-            .map_err(|e| map_error(MAP_MAGLEV, "insert table", e))
+        if let Err(e) = self.maglev.insert(table_id, &table, 0) {
+            self.delete_members(table_id);
+            return Err(map_error(MAP_MAGLEV, "insert table", e));
+        }
+        Ok(())
     }
 
     fn delete_table(&mut self, table_id: u32) -> Result<(), MapError> {

@@ -14,6 +14,8 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Headless services have no ClusterIP to balance.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Topology-aware routing, as kube-proxy reads it (current and deprecated names).
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 pub const ANNOTATION_TOPOLOGY_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
@@ -106,6 +108,8 @@ pub struct FrontendState {
     pub backends: BTreeSet<BackendAddr>,
     /// With no backend: drop (a Local traffic policy with no local endpoint) rather than reject.
     pub drop_when_empty: bool,
+    /// ClientIP session affinity timeout in seconds; 0 for none.
+    pub affinity_timeout_s: u32,
 }
 
 /// Everything a source currently holds, keyed by namespace/name; sources publish it whole.
@@ -186,6 +190,8 @@ pub struct ServiceSpec {
     pub prefer_close: bool,
     /// The `service.kubernetes.io/service-proxy-name` label: only the proxy of that name programs it.
     pub proxy_name: Option<String>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds (default 10800, as the API's).
+    pub affinity_timeout: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -358,6 +364,18 @@ impl ServiceSpec {
             prefer_close: spec.traffic_distribution.as_deref() == Some("PreferClose")
                 || topology_annotation,
             proxy_name,
+            affinity_timeout: match spec.session_affinity.as_deref() {
+                Some("ClientIP") => Some(
+                    spec.session_affinity_config
+                        .as_ref()
+                        .and_then(|c| c.client_ip.as_ref())
+                        .and_then(|c| c.timeout_seconds)
+                        .and_then(|t| u32::try_from(t).ok())
+                        .filter(|t| *t > 0)
+                        .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S),
+                ),
+                _ => None,
+            },
         }))
     }
 }
@@ -537,6 +555,7 @@ fn service_frontends(
             port_name: port.name.clone(),
             backends: backends.clone(),
             drop_when_empty: local,
+            affinity_timeout_s: svc.affinity_timeout.unwrap_or(0),
         };
         for ip in &svc.cluster_ips {
             let f = Frontend {

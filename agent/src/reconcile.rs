@@ -50,6 +50,16 @@ struct Programmed {
     drop_when_empty: bool,
 }
 
+impl Programmed {
+    /// Whether the datapath already does what `state` asks.
+    fn matches(&self, state: &crate::model::FrontendState) -> bool {
+        self.backends.as_ref() == Some(&state.backends)
+            // An empty frontend is also rewritten when it switches between reject and drop.
+            && (!state.backends.is_empty() || self.drop_when_empty == state.drop_when_empty)
+            && self.value.affinity_timeout_s == state.affinity_timeout_s
+    }
+}
+
 /// Counts of one sync, for logs and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
@@ -211,14 +221,10 @@ impl<W: MapWriter> Reconciler<W> {
 
         for (frontend, state) in &desired.frontends {
             let key = service_key(frontend);
-            if self.frontends.get(&key).is_some_and(|p| {
-                // An empty frontend is also rewritten when it switches between reject and drop.
-                p.backends.as_ref() == Some(&state.backends)
-                    && (!state.backends.is_empty() || p.drop_when_empty == state.drop_when_empty)
-            }) {
+            if self.frontends.get(&key).is_some_and(|p| p.matches(state)) {
                 continue;
             }
-            match self.write_frontend(key, &state.backends, state.drop_when_empty) {
+            match self.write_frontend(key, state) {
                 Ok(()) => report.frontends_written += 1,
                 Err(e) => {
                     error!(frontend = %frontend, service = %state.service, "cannot program frontend: {e}");
@@ -310,9 +316,10 @@ impl<W: MapWriter> Reconciler<W> {
     fn write_frontend(
         &mut self,
         key: ServiceKey,
-        backends: &BTreeSet<BackendAddr>,
-        drop_when_empty: bool,
+        state: &crate::model::FrontendState,
     ) -> Result<(), MapError> {
+        let backends = &state.backends;
+        let drop_when_empty = state.drop_when_empty;
         let value = if backends.is_empty() {
             ServiceValue {
                 table_id: 0,
@@ -323,6 +330,8 @@ impl<W: MapWriter> Reconciler<W> {
                 } else {
                     SVC_FLAG_REJECT
                 },
+                affinity_timeout_s: state.affinity_timeout_s,
+                pad: 0,
             }
         } else {
             let members: Vec<(Vec<u8>, u32)> = backends
@@ -350,6 +359,8 @@ impl<W: MapWriter> Reconciler<W> {
                 table_size: size,
                 backend_count: members.len() as u32,
                 flags: 0,
+                affinity_timeout_s: state.affinity_timeout_s,
+                pad: 0,
             }
         };
         if let Err(e) = self.writer.put_service(key, value) {

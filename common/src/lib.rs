@@ -15,6 +15,11 @@ pub const MAP_BACKENDS: &str = "WEIR_BACKENDS";
 pub const MAP_CONNTRACK: &str = "WEIR_CT";
 /// Per-CPU datapath counters indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "WEIR_STATS";
+/// ClientIP session affinity (LRU): (frontend, client address) → the backend it was sent to, and when.
+pub const MAP_AFFINITY: &str = "WEIR_AFFINITY";
+/// Set of (table id, backend id): lets the datapath check that an affinity's backend still belongs to
+/// the frontend's current table without scanning it.
+pub const MAP_MEMBERS: &str = "WEIR_MEMBERS";
 /// Per-CPU packets and bytes per frontend (both directions of its flows).
 pub const MAP_SERVICE_STATS: &str = "WEIR_SVC_STATS";
 
@@ -31,6 +36,7 @@ pub const DEFAULT_BACKENDS_MAX: u32 = 65_536;
 /// Maglev tables alive at once: one per frontend with backends, plus room for tables being swapped in.
 pub const DEFAULT_MAGLEV_TABLES_MAX: u32 = DEFAULT_SERVICES_MAX + 1024;
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
+pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -98,6 +104,35 @@ pub struct ServiceValue {
     pub backend_count: u32,
     /// `SVC_FLAG_*`.
     pub flags: u32,
+    /// ClientIP session affinity: a client's new connections go to its last backend while they come less
+    /// than this many seconds apart; 0 disables affinity.
+    pub affinity_timeout_s: u32,
+    pub pad: u32,
+}
+
+/// A client of a frontend, for session affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub frontend: ServiceKey,
+    pub client_addr_be: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub pad: u32,
+    /// `bpf_ktime_get_ns` of the client's last new connection.
+    pub last_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MemberKey {
+    pub table_id: u32,
+    pub backend_id: u32,
 }
 
 #[repr(C)]
@@ -144,7 +179,10 @@ pub struct CtValue {
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<MemberKey>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<ServiceCounters>() == 16);
@@ -159,5 +197,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for ServiceCounters {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for MemberKey {}
     unsafe impl aya::Pod for CtValue {}
 }

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod affinity;
 mod csum;
 mod fib;
 mod flow;
@@ -118,9 +119,14 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let slot = flow::hash(&flow) % svc.table_size;
     // SAFETY: tables are arrays (never deleted element-wise) and a swapped-out table stays alive while
     // any program holds a reference to it, so the slot read is a valid u32.
-    let Some(&backend_id) = (unsafe { MAGLEV.get_value(&svc.table_id, &slot) }) else {
+    let Some(&hashed) = (unsafe { MAGLEV.get_value(&svc.table_id, &slot) }) else {
         count(STAT_DROP_NO_BACKEND);
         return Ok(TC_ACT_SHOT);
+    };
+    let backend_id = if svc.affinity_timeout_s != 0 {
+        affinity::choose(&svc_key, &svc, flow.saddr_be, hashed)
+    } else {
+        hashed
     };
     let Some(backend) = BACKENDS.get_ptr(backend_id) else {
         count(STAT_DROP_NO_BACKEND);

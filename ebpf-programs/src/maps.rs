@@ -6,6 +6,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weir_common::{
+    AffinityKey, AffinityValue, DEFAULT_AFFINITY_MAX, MemberKey,
     Backend, CtKey, CtValue, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
     DEFAULT_MAGLEV_TABLES_MAX, DEFAULT_SERVICES_MAX, MAGLEV_TABLE_FLAGS, STAT_SLOTS,
     ServiceCounters, ServiceKey, ServiceValue,
@@ -36,3 +37,12 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_SLOTS, 0);
 #[map(name = "WEIR_SVC_STATS")]
 pub static SERVICE_STATS: PerCpuHashMap<ServiceKey, ServiceCounters> =
     PerCpuHashMap::pinned(DEFAULT_SERVICES_MAX, 0);
+
+#[map(name = "WEIR_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(DEFAULT_AFFINITY_MAX, 0);
+
+/// Sized like the backends a table can hold in total; the agent writes a table's members before the
+/// table becomes reachable and deletes them after.
+#[map(name = "WEIR_MEMBERS")]
+pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(DEFAULT_BACKENDS_MAX * 4, 0);

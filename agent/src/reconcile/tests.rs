@@ -84,6 +84,7 @@ fn desired(entries: &[(Frontend, &[u8])]) -> Desired {
                 },
                 port_name: "http".into(),
                 drop_when_empty: false,
+                affinity_timeout_s: 0,
                 backends: backends
                     .iter()
                     .map(|b| BackendAddr {
