@@ -53,6 +53,10 @@ pub const CT_FORWARD: u8 = 1;
 /// `CtValue::kind`: the entry rewrites the source (backend → client becomes frontend → client).
 pub const CT_REVERSE: u8 = 2;
 
+/// Source address of hairpin flows as their backend sees them (169.254.42.1, link-local like Cilium's):
+/// never assigned anywhere, only the datapath translates it.
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+
 /// Datapath counters (index into `MAP_STATS`).
 pub const STAT_FWD_NEW: u32 = 0;
 pub const STAT_FWD_ESTABLISHED: u32 = 1;
@@ -175,7 +179,10 @@ pub struct CtValue {
     pub pad: u8,
     /// Backend chosen for the flow; a forward hit re-selects when this id no longer names `nat_addr`.
     pub backend_id: u32,
-    pub pad2: u32,
+    /// Hairpin (a pod reaching itself through a Service): the other address is rewritten too, the
+    /// source to [`HAIRPIN_ADDR`] on the way in, the destination back to the client on the way out, so
+    /// the pod's reply leaves the pod instead of looping inside it. 0 otherwise.
+    pub peer_addr_be: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);

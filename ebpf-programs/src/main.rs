@@ -19,6 +19,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use weir_common::{
+    HAIRPIN_ADDR,
     CT_FORWARD, CT_REVERSE, CtKey, CtValue, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT,
     STAT_DROP_REWRITE_FAILED, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE,
     STAT_PASS_UNPARSED, STAT_REVERSE_NAT, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey,
@@ -26,6 +27,7 @@ use weir_common::{
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, MAGLEV, SERVICES},
+    packet::Flow,
     stats::{count, count_service},
 };
 
@@ -69,13 +71,15 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
                 },
                 ctx.len(),
             );
-            return match nat::snat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be) {
-                Ok(()) => Ok(fib::forward(
-                    ctx,
-                    entry.nat_addr_be,
-                    flow.daddr_be,
-                    flow.proto,
-                )),
+            let mut daddr = flow.daddr_be;
+            let mut done = nat::snat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be);
+            if done.is_ok() && entry.peer_addr_be != 0 {
+                // Hairpin reply: back to the client that is also the backend.
+                daddr = entry.peer_addr_be;
+                done = nat::dnat(ctx, &flow, daddr, flow.dport_be);
+            }
+            return match done {
+                Ok(()) => Ok(fib::forward(ctx, entry.nat_addr_be, daddr, flow.proto)),
                 Err(e) => rewrite_or_drop(Err(e)),
             };
         }
@@ -90,7 +94,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
                 },
                 ctx.len(),
             );
-            return rewrite_or_drop(nat::dnat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be));
+            return forward_to_backend(ctx, &flow, &entry);
         }
         // A forward entry whose backend is gone falls through and is re-balanced like a new flow.
     }
@@ -135,17 +139,21 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // SAFETY: pointer from a successful lookup; Backend is plain data.
     let backend = unsafe { *backend };
 
+    // A pod reaching itself through the Service: its reply would never leave it unless the source is
+    // translated too.
+    let hairpin = backend.addr_be == flow.saddr_be;
+    let hairpin_be = u32::from_ne_bytes(HAIRPIN_ADDR);
     let forward = CtValue {
         nat_addr_be: backend.addr_be,
         nat_port_be: backend.port_be,
         kind: CT_FORWARD,
         pad: 0,
         backend_id,
-        pad2: 0,
+        peer_addr_be: if hairpin { hairpin_be } else { 0 },
     };
     let reverse_key = CtKey {
         saddr_be: backend.addr_be,
-        daddr_be: flow.saddr_be,
+        daddr_be: if hairpin { hairpin_be } else { flow.saddr_be },
         sport_be: backend.port_be,
         dport_be: flow.sport_be,
         proto: flow.proto,
@@ -157,7 +165,7 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         kind: CT_REVERSE,
         pad: 0,
         backend_id,
-        pad2: 0,
+        peer_addr_be: if hairpin { flow.saddr_be } else { 0 },
     };
     // An LRU insert only fails on allocation failure; the packet is still translated, and the next
     // packet of the flow picks the same backend from the same Maglev table.
@@ -165,7 +173,26 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let _ = CONNTRACK.insert(ct_key, forward, 0);
     count(STAT_FWD_NEW);
     count_service(&svc_key, ctx.len());
-    rewrite_or_drop(nat::dnat(ctx, &flow, backend.addr_be, backend.port_be))
+    forward_to_backend(ctx, &flow, &forward)
+}
+
+/// DNAT to the entry's backend; for a hairpin flow also SNAT to [`HAIRPIN_ADDR`] and send the packet
+/// straight back towards the pod (the node's routes would otherwise see it leave where it came in).
+fn forward_to_backend(ctx: &TcContext, flow: &Flow, entry: &CtValue) -> Result<i32, ()> {
+    let done = nat::dnat(ctx, flow, entry.nat_addr_be, entry.nat_port_be);
+    if entry.peer_addr_be == 0 {
+        return rewrite_or_drop(done);
+    }
+    let done = done.and_then(|()| nat::snat(ctx, flow, entry.peer_addr_be, flow.sport_be));
+    match done {
+        Ok(()) => Ok(fib::forward(
+            ctx,
+            entry.peer_addr_be,
+            entry.nat_addr_be,
+            flow.proto,
+        )),
+        Err(e) => rewrite_or_drop(Err(e)),
+    }
 }
 
 /// A forward entry may outlive its backend (removed from the Service); its id may even have been reused.

@@ -46,3 +46,9 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 /// table becomes reachable and deletes them after.
 #[map(name = "WEIR_MEMBERS")]
 pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(DEFAULT_BACKENDS_MAX * 4, 0);
+
+pub const SCRATCH_LEN: usize = 160;
+
+/// Per-CPU working memory for building reply packets (not pinned: it holds nothing between packets).
+#[map(name = "WEIR_SCRATCH")]
+pub static SCRATCH: PerCpuArray<[u8; SCRATCH_LEN]> = PerCpuArray::with_max_entries(1, 0);

@@ -2,16 +2,47 @@
 //! built in place and sent back out of the interface the packet came in on, so the client fails at once.
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use weir_common::{PROTO_TCP, STAT_DROP_REJECT_FAILED, STAT_REJECT_TCP, STAT_REJECT_UDP};
 
 use crate::{
     csum,
+    maps::{SCRATCH, SCRATCH_LEN},
     packet::{ETH_HLEN, Flow, IPV4_MIN_HLEN},
     stats::count,
 };
+
+/// Where the original headers are copied in the scratch buffer, and where the reply is built: the
+/// program's stack (512 bytes, shared along the call chain) has no room for both.
+const IN_OFF: usize = 0;
+const OUT_OFF: usize = 64;
+const _: () = assert!(IN_OFF + RST_LEN <= OUT_OFF && IN_OFF + ORIG_UDP_LEN <= OUT_OFF);
+const _: () = assert!(OUT_OFF + RST_LEN <= SCRATCH_LEN && OUT_OFF + ICMP_LEN <= SCRATCH_LEN);
+
+/// The per-CPU scratch buffer, with the first `len` bytes of the packet copied to `IN_OFF` and the
+/// reply area zeroed.
+#[inline(always)]
+fn scratch_with_headers(ctx: &TcContext, len: usize) -> Result<&'static mut [u8; SCRATCH_LEN], i64> {
+    let buf = SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
+    // SAFETY: a per-CPU array slot: only this program, on this CPU, uses it until it returns.
+    let buf = unsafe { &mut *buf };
+    // SAFETY: the helper writes exactly `len` bytes into the buffer, which is at least that long.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            0,
+            buf[IN_OFF..].as_mut_ptr().cast(),
+            len as u32,
+        )
+    };
+    if ret != 0 {
+        return Err(ret);
+    }
+    buf[OUT_OFF..].fill(0);
+    Ok(buf)
+}
 
 const TCP_RST: u8 = 0x04;
 const TCP_SYN: u8 = 0x02;
@@ -22,7 +53,8 @@ const RST_LEN: usize = ETH_HLEN + 20 + 20;
 const ICMP_LEN: usize = ETH_HLEN + 20 + 8 + 20 + 8;
 const ORIG_UDP_LEN: usize = ETH_HLEN + 20 + 8;
 
-#[inline(always)]
+/// Out of line: the reply buffers would otherwise share the main program's 512-byte stack.
+#[inline(never)]
 pub fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
     // Headers with IPv4 options are rare from pods; building replies for them is not worth the code.
     if flow.ihl != IPV4_MIN_HLEN {
@@ -52,9 +84,12 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
 }
 
 /// Returns Ok(false) when the packet must be dropped silently (it is itself a RST).
-#[inline(always)]
+#[inline(never)]
 fn tcp_rst(ctx: &TcContext) -> Result<bool, i64> {
-    let inp: [u8; RST_LEN] = ctx.load(0)?;
+    let buf = scratch_with_headers(ctx, RST_LEN)?;
+    let (inp, out) = buf.split_at_mut(OUT_OFF);
+    let inp = &inp[IN_OFF..IN_OFF + RST_LEN];
+    let out = &mut out[..RST_LEN];
     let l4 = ETH_HLEN + 20;
     let in_flags = inp[l4 + 13];
     if in_flags & TCP_RST != 0 {
@@ -72,9 +107,8 @@ fn tcp_rst(ctx: &TcContext) -> Result<bool, i64> {
         seg_len += 1;
     }
 
-    let mut out = [0u8; RST_LEN];
-    swap_ethernet(&inp, &mut out);
-    ip_header(&inp, &mut out, 40, PROTO_TCP);
+    swap_ethernet(inp, out);
+    ip_header(inp, out, 40, PROTO_TCP);
     // Ports swapped.
     out[l4] = inp[l4 + 2];
     out[l4 + 1] = inp[l4 + 3];
@@ -103,17 +137,19 @@ fn tcp_rst(ctx: &TcContext) -> Result<bool, i64> {
     out[l4 + 17] = c[1];
 
     resize(ctx, RST_LEN)?;
-    ctx.store(0, &out, 0)?;
+    let out: &[u8; RST_LEN] = (&*out).try_into().map_err(|_| -1i64)?;
+    ctx.store(0, out, 0)?;
     Ok(true)
 }
 
-#[inline(always)]
+#[inline(never)]
 fn icmp_port_unreachable(ctx: &TcContext) -> Result<bool, i64> {
-    let inp: [u8; ORIG_UDP_LEN] = ctx.load(0)?;
-
-    let mut out = [0u8; ICMP_LEN];
-    swap_ethernet(&inp, &mut out);
-    ip_header(&inp, &mut out, (ICMP_LEN - ETH_HLEN) as u16, 1);
+    let buf = scratch_with_headers(ctx, ORIG_UDP_LEN)?;
+    let (inp, out) = buf.split_at_mut(OUT_OFF);
+    let inp = &inp[IN_OFF..IN_OFF + ORIG_UDP_LEN];
+    let out = &mut out[..ICMP_LEN];
+    swap_ethernet(inp, out);
+    ip_header(inp, out, (ICMP_LEN - ETH_HLEN) as u16, 1);
     let icmp = ETH_HLEN + 20;
     out[icmp] = 3; // destination unreachable
     out[icmp + 1] = 3; // port unreachable
@@ -127,7 +163,8 @@ fn icmp_port_unreachable(ctx: &TcContext) -> Result<bool, i64> {
     out[icmp + 3] = c[1];
 
     resize(ctx, ICMP_LEN)?;
-    ctx.store(0, &out, 0)?;
+    let out: &[u8; ICMP_LEN] = (&*out).try_into().map_err(|_| -1i64)?;
+    ctx.store(0, out, 0)?;
     Ok(true)
 }
 
