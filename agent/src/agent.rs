@@ -16,11 +16,12 @@ use crate::{
     bpffs,
     cli::Args,
     datapath::{Capacities, Datapath, Maps},
+    health_check::HealthCheckServers,
     http::{self, Endpoint},
     kube_source,
     links::{self, LinkEvent},
     metrics::Metrics,
-    model::{DesiredCache, NodeContext, NodeInfo, SourceUpdate},
+    model::{self, DesiredCache, NodeContext, NodeInfo, SourceUpdate},
     reconcile::Reconciler,
     standalone,
     state::{AgentState, FrontendInfo},
@@ -122,6 +123,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut reconciler = Reconciler::adopt(maps, adopted);
     let mut desired_cache = DesiredCache::default();
+    let mut health_checks = HealthCheckServers::default();
 
     let (update_tx, mut update_rx) = watch::channel::<Option<SourceUpdate>>(None);
     let config_errors = metrics.config_errors.clone();
@@ -198,6 +200,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 sync_at = None;
                 if let Some(u) = &update {
                     let node = node_context(&args, &node_name, &startup_ips, u.snapshot.node.as_ref());
+                    health_checks.sync(model::health_checks(&u.snapshot, &node), &metrics).await;
                     let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache, &node);
                     last_sync = Some(tokio::time::Instant::now());
                     first_sync_done = true;

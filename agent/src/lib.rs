@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod cli;
 pub mod datapath;
+pub mod health_check;
 pub mod http;
 pub mod kube_source;
 pub mod links;

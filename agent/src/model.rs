@@ -192,6 +192,9 @@ pub struct ServiceSpec {
     pub proxy_name: Option<String>,
     /// `sessionAffinity: ClientIP`: its timeout in seconds (default 10800, as the API's).
     pub affinity_timeout: Option<u32>,
+    /// `healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy: Local`: the node
+    /// answers load-balancer health checks there with its count of local endpoints.
+    pub health_check_node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -364,6 +367,16 @@ impl ServiceSpec {
             prefer_close: spec.traffic_distribution.as_deref() == Some("PreferClose")
                 || topology_annotation,
             proxy_name,
+            health_check_node_port: match (
+                spec.type_.as_deref(),
+                spec.external_traffic_policy.as_deref(),
+                spec.health_check_node_port,
+            ) {
+                (Some("LoadBalancer"), Some("Local"), Some(p)) => {
+                    Some(port_number(p, "spec.healthCheckNodePort")?)
+                }
+                _ => None,
+            },
             affinity_timeout: match spec.session_affinity.as_deref() {
                 Some("ClientIP") => Some(
                     spec.session_affinity_config
@@ -627,6 +640,43 @@ fn select<'a>(
         return chosen;
     }
     chosen.into_iter().filter(|(ep, _)| for_zone(ep)).collect()
+}
+
+/// One healthCheckNodePort to serve, as kube-proxy's health check server does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub service: NsName,
+    /// Ready endpoints on this node (terminating ones do not count: the load balancer should drain).
+    pub local_endpoints: usize,
+}
+
+/// The health checks this node serves for `snapshot`.
+pub fn health_checks(snapshot: &Snapshot, node: &NodeContext) -> Vec<HealthCheck> {
+    let by_service = slices_by_service(snapshot.slices.values());
+    let mut out = Vec::new();
+    for svc in snapshot.services.values() {
+        let Some(port) = svc.health_check_node_port else {
+            continue;
+        };
+        if svc.proxy_name.is_some() && svc.proxy_name != node.service_proxy_name {
+            continue;
+        }
+        let local: BTreeSet<Ipv4Addr> = by_service
+            .get(&svc.id)
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|ep| ep.ready && ep.node_name.as_deref() == Some(node.name.as_str()))
+            .map(|ep| ep.ip)
+            .collect();
+        out.push(HealthCheck {
+            port,
+            service: svc.id.clone(),
+            local_endpoints: local.len(),
+        });
+    }
+    out
 }
 
 /// Keeps each Service's frontends between syncs and recomputes only the Services whose spec or
