@@ -4,13 +4,15 @@
 use std::{
     collections::HashMap as StdHashMap,
     io,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, HashOfMaps, MapData, MapError as AyaMapError, PerCpuArray, PerCpuHashMap,
+        Array, HashMap, HashOfMaps, LpmTrie, MapData, MapError as AyaMapError, PerCpuArray,
+        PerCpuHashMap, lpm_trie::Key as LpmKey,
     },
     programs::{
         SchedClassifier, TcAttachType,
@@ -21,8 +23,9 @@ use aya::{
 use tracing::{info, warn};
 use weir_common::{
     Backend, MAGLEV_TABLE_FLAGS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV,
-    MAP_MEMBERS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, MemberKey, PROG_POD_INGRESS,
-    STAT_COUNT, ServiceCounters, ServiceKey, ServiceValue,
+    MAP_MEMBERS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS, MemberKey,
+    PROG_POD_INGRESS, SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT, ServiceCounters, ServiceKey,
+    ServiceValue, SourceRangeKey,
 };
 
 use crate::reconcile::{Adopted, MapError, MapWriter};
@@ -102,6 +105,7 @@ pub struct Maps {
     backends: HashMap<MapData, u32, Backend>,
     service_stats: PerCpuHashMap<MapData, ServiceKey, ServiceCounters>,
     members: HashMap<MapData, MemberKey, u32>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
     /// Which backend ids each table's members are, to delete them with the table.
     member_index: StdHashMap<u32, Vec<u32>>,
 }
@@ -164,6 +168,12 @@ impl Datapath {
             backends: take_map(&mut ebpf, MAP_BACKENDS)?,
             members: take_map(&mut ebpf, MAP_MEMBERS)?,
             member_index: StdHashMap::new(),
+            source_ranges: LpmTrie::try_from(take_raw(&mut ebpf, MAP_SOURCE_RANGES)?).map_err(
+                |source| DatapathError::Map {
+                    name: MAP_SOURCE_RANGES,
+                    source,
+                },
+            )?,
             service_stats: PerCpuHashMap::try_from(take_raw(&mut ebpf, MAP_SERVICE_STATS)?)
                 .map_err(|source| DatapathError::Map {
                     name: MAP_SERVICE_STATS,
@@ -441,6 +451,16 @@ impl Maps {
     }
 }
 
+fn source_range_key(frontend: ServiceKey, (addr, len): (Ipv4Addr, u8)) -> LpmKey<SourceRangeKey> {
+    LpmKey::new(
+        SOURCE_RANGE_FRONTEND_BITS + u32::from(len),
+        SourceRangeKey {
+            frontend,
+            addr_be: u32::from(addr).to_be(),
+        },
+    )
+}
+
 impl Maps {
     fn delete_members(&mut self, table_id: u32) {
         for backend_id in self.member_index.remove(&table_id).unwrap_or_default() {
@@ -519,6 +539,21 @@ impl MapWriter for Maps {
         self.services
             .insert(key, value, 0)
             .map_err(|e| map_error(MAP_SERVICES, "insert", e))
+    }
+
+    fn put_source_range(&mut self, key: ServiceKey, range: (Ipv4Addr, u8)) -> Result<(), MapError> {
+        self.source_ranges
+            .insert(&source_range_key(key, range), 1, 0)
+            .map_err(|e| map_error(MAP_SOURCE_RANGES, "insert", e))
+    }
+
+    fn delete_source_range(
+        &mut self,
+        key: ServiceKey,
+        range: (Ipv4Addr, u8),
+    ) -> Result<(), MapError> {
+        ignore_missing(self.source_ranges.remove(&source_range_key(key, range)))
+            .map_err(|e| map_error(MAP_SOURCE_RANGES, "delete", e))
     }
 
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {

@@ -14,6 +14,23 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Headless services have no ClusterIP to balance.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// The pre-field way to set loadBalancerSourceRanges, still honoured when the field is empty.
+pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// `a.b.c.d/n` → `Some(Some((network, n)))`; an IPv6 CIDR → `Some(None)`; garbage → `None`.
+fn parse_cidr(s: &str) -> Option<Option<(Ipv4Addr, u8)>> {
+    let (addr, len) = s.split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    match addr.parse::<IpAddr>().ok()? {
+        IpAddr::V4(v4) if len <= 32 => {
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            Some(Some((Ipv4Addr::from(u32::from(v4) & mask), len)))
+        }
+        IpAddr::V6(_) if len <= 128 => Some(None),
+        _ => None,
+    }
+}
+
 /// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Topology-aware routing, as kube-proxy reads it (current and deprecated names).
@@ -110,6 +127,8 @@ pub struct FrontendState {
     pub drop_when_empty: bool,
     /// ClientIP session affinity timeout in seconds; 0 for none.
     pub affinity_timeout_s: u32,
+    /// Client prefixes allowed on this frontend; empty means everyone.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 /// Everything a source currently holds, keyed by namespace/name; sources publish it whole.
@@ -178,9 +197,14 @@ pub struct ServiceSpec {
     pub id: NsName,
     pub cluster_ips: Vec<Ipv4Addr>,
     pub ports: Vec<ServicePort>,
-    /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip`: balanced like the ClusterIP, on the
-    /// service ports, when traffic for them reaches the node.
+    /// `spec.externalIPs`: balanced like the ClusterIP, on the service ports, when traffic for them
+    /// reaches the node.
     pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`: like external IPs, and subject to `source_ranges`.
+    pub lb_ips: Vec<Ipv4Addr>,
+    /// `spec.loadBalancerSourceRanges` (or the beta annotation): only these clients reach the
+    /// LoadBalancer IPs; empty means everyone. NodePorts and the ClusterIP are not filtered.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
     /// `internalTrafficPolicy: Local`: ClusterIP traffic only to endpoints on this node.
     pub internal_local: bool,
     /// `externalTrafficPolicy: Local`: NodePort/external traffic only to endpoints on this node.
@@ -332,10 +356,11 @@ impl ServiceSpec {
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref());
+        let mut lb_ips = Vec::new();
         for (i, ing) in ingress.into_iter().flatten().enumerate() {
             if let Some(ip) = &ing.ip {
                 match ip.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(v4)) => external_ips.push(v4),
+                    Ok(IpAddr::V4(v4)) => lb_ips.push(v4),
                     Ok(IpAddr::V6(_)) => {}
                     Err(_) => {
                         return Err(FieldError::new(
@@ -348,6 +373,44 @@ impl ServiceSpec {
         }
         external_ips.sort();
         external_ips.dedup();
+        lb_ips.sort();
+        lb_ips.dedup();
+        let annotated_ranges = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_SOURCE_RANGES))
+            .map(|v| {
+                v.split(',')
+                    .map(|r| r.trim().to_owned())
+                    .filter(|r| !r.is_empty())
+                    .collect::<Vec<_>>()
+            });
+        let (ranges_field, ranges) = match spec
+            .load_balancer_source_ranges
+            .as_ref()
+            .filter(|r| !r.is_empty())
+        {
+            Some(r) => ("spec.loadBalancerSourceRanges", r.clone()),
+            None => (
+                ANNOTATION_SOURCE_RANGES,
+                annotated_ranges.unwrap_or_default(),
+            ),
+        };
+        let mut source_ranges = Vec::new();
+        for (i, r) in ranges.iter().enumerate() {
+            match parse_cidr(r) {
+                Some(Some(v4)) => source_ranges.push(v4),
+                // An IPv6 range filters IPv6 clients, which this datapath does not serve yet.
+                Some(None) => {}
+                None => {
+                    return Err(FieldError::new(
+                        format!("{ranges_field}[{i}]"),
+                        format!("invalid CIDR {r:?}"),
+                    ));
+                }
+            }
+        }
         let topology_annotation = svc
             .metadata
             .annotations
@@ -362,6 +425,8 @@ impl ServiceSpec {
             cluster_ips,
             ports,
             external_ips,
+            lb_ips,
+            source_ranges,
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
             prefer_close: spec.traffic_distribution.as_deref() == Some("PreferClose")
@@ -569,6 +634,7 @@ fn service_frontends(
             backends: backends.clone(),
             drop_when_empty: local,
             affinity_timeout_s: svc.affinity_timeout.unwrap_or(0),
+            source_ranges: Vec::new(),
         };
         for ip in &svc.cluster_ips {
             let f = Frontend {
@@ -579,6 +645,16 @@ fn service_frontends(
             out.push((f, state(&internal, svc.internal_local)));
         }
         // Traffic to these comes from outside the cluster network: externalTrafficPolicy governs it.
+        for ip in &svc.lb_ips {
+            let f = Frontend {
+                ip: *ip,
+                port: port.port,
+                protocol: port.protocol,
+            };
+            let mut st = state(&external, svc.external_local);
+            st.source_ranges = svc.source_ranges.clone();
+            out.push((f, st));
+        }
         let on_external_ip = svc.external_ips.iter().map(|ip| (*ip, port.port));
         let on_node_port = port
             .node_port

@@ -4,8 +4,12 @@
 //! old table is deleted, so no packet ever sees a half-written table.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use std::net::Ipv4Addr;
 use tracing::{error, warn};
-use weir_common::{Backend, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey, ServiceValue};
+
+use weir_common::{
+    Backend, SVC_FLAG_DROP, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
+};
 
 use crate::{
     maglev,
@@ -31,6 +35,13 @@ pub trait MapWriter {
     fn delete_table(&mut self, table_id: u32) -> Result<(), MapError>;
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
+    fn put_source_range(&mut self, key: ServiceKey, range: (Ipv4Addr, u8)) -> Result<(), MapError>;
+    /// Idempotent.
+    fn delete_source_range(
+        &mut self,
+        key: ServiceKey,
+        range: (Ipv4Addr, u8),
+    ) -> Result<(), MapError>;
 }
 
 /// What was already in the pinned maps when the agent started.
@@ -48,6 +59,7 @@ struct Programmed {
     /// `None` for a frontend adopted from pinned maps: its backend set is unknown, so it is rewritten.
     backends: Option<BTreeSet<BackendAddr>>,
     drop_when_empty: bool,
+    source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 impl Programmed {
@@ -57,6 +69,7 @@ impl Programmed {
             // An empty frontend is also rewritten when it switches between reject and drop.
             && (!state.backends.is_empty() || self.drop_when_empty == state.drop_when_empty)
             && self.value.affinity_timeout_s == state.affinity_timeout_s
+            && self.source_ranges == state.source_ranges
     }
 }
 
@@ -119,6 +132,9 @@ impl<W: MapWriter> Reconciler<W> {
                     value,
                     backends: None,
                     drop_when_empty: false,
+                    // Unknown after a restart; ranges left in the map are harmless to other frontends
+                    // and the rewrite adds what this one needs.
+                    source_ranges: Vec::new(),
                 },
             );
         }
@@ -245,6 +261,9 @@ impl<W: MapWriter> Reconciler<W> {
                 Ok(()) => {
                     if let Some(old) = self.frontends.remove(&key) {
                         self.drop_table(old.value);
+                        for r in old.source_ranges {
+                            let _ = self.writer.delete_source_range(key, r);
+                        }
                     }
                     report.frontends_deleted += 1;
                 }
@@ -363,9 +382,37 @@ impl<W: MapWriter> Reconciler<W> {
                 pad: 0,
             }
         };
+        let mut value = value;
+        let old_ranges: Vec<(Ipv4Addr, u8)> = self
+            .frontends
+            .get(&key)
+            .map(|p| p.source_ranges.clone())
+            .unwrap_or_default();
+        // Allowed prefixes go in before the frontend starts checking them, and leave after it stops.
+        for r in state
+            .source_ranges
+            .iter()
+            .filter(|r| !old_ranges.contains(r))
+        {
+            if let Err(e) = self.writer.put_source_range(key, *r) {
+                self.drop_table(value);
+                return Err(e);
+            }
+        }
+        if !state.source_ranges.is_empty() {
+            value.flags |= SVC_FLAG_SOURCE_RANGES;
+        }
         if let Err(e) = self.writer.put_service(key, value) {
             self.drop_table(value);
             return Err(e);
+        }
+        for r in old_ranges
+            .iter()
+            .filter(|r| !state.source_ranges.contains(r))
+        {
+            if let Err(e) = self.writer.delete_source_range(key, *r) {
+                warn!(?r, "cannot delete a source range: {e}");
+            }
         }
         let old = self.frontends.insert(
             key,
@@ -373,6 +420,7 @@ impl<W: MapWriter> Reconciler<W> {
                 value,
                 backends: Some(backends.clone()),
                 drop_when_empty,
+                source_ranges: state.source_ranges.clone(),
             },
         );
         if let Some(old) = old {

@@ -15,6 +15,8 @@ pub const MAP_BACKENDS: &str = "WEIR_BACKENDS";
 pub const MAP_CONNTRACK: &str = "WEIR_CT";
 /// Per-CPU datapath counters indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "WEIR_STATS";
+/// LPM trie of allowed client prefixes per LoadBalancer frontend (`loadBalancerSourceRanges`).
+pub const MAP_SOURCE_RANGES: &str = "WEIR_SRC_RANGES";
 /// ClientIP session affinity (LRU): (frontend, client address) → the backend it was sent to, and when.
 pub const MAP_AFFINITY: &str = "WEIR_AFFINITY";
 /// Set of (table id, backend id): lets the datapath check that an affinity's backend still belongs to
@@ -47,6 +49,9 @@ pub const SVC_FLAG_REJECT: u32 = 1;
 /// `ServiceValue::flags`: a traffic policy of Local left this frontend without a usable endpoint on this
 /// node; kube-proxy drops such traffic silently rather than rejecting it.
 pub const SVC_FLAG_DROP: u32 = 2;
+/// `ServiceValue::flags`: new flows are admitted only from the prefixes in `MAP_SOURCE_RANGES` for this
+/// frontend (a LoadBalancer IP with `loadBalancerSourceRanges`).
+pub const SVC_FLAG_SOURCE_RANGES: u32 = 4;
 
 /// `CtValue::kind`: the entry rewrites the destination (client → frontend becomes client → backend).
 pub const CT_FORWARD: u8 = 1;
@@ -69,7 +74,8 @@ pub const STAT_DROP_REWRITE_FAILED: u32 = 7;
 pub const STAT_PASS_NOT_SERVICE: u32 = 8;
 pub const STAT_PASS_UNPARSED: u32 = 9;
 pub const STAT_DROP_NO_LOCAL_ENDPOINT: u32 = 10;
-pub const STAT_COUNT: u32 = 11;
+pub const STAT_DROP_SOURCE_RANGE: u32 = 11;
+pub const STAT_COUNT: u32 = 12;
 /// Size of `MAP_STATS`: room for counters added later, so a pinned map survives an upgrade that adds one.
 pub const STAT_SLOTS: u32 = 64;
 
@@ -86,6 +92,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_not_service",
     "pass_unparsed",
     "drop_no_local_endpoint",
+    "drop_source_range",
 ];
 
 /// A frontend: the address a client connects to.
@@ -113,6 +120,19 @@ pub struct ServiceValue {
     pub affinity_timeout_s: u32,
     pub pad: u32,
 }
+
+/// Data of a `MAP_SOURCE_RANGES` key (after the LPM prefix length): the frontend matches exactly (64
+/// bits), then the client address by the range's prefix, so the key's prefix length is 64 + range bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    pub frontend: ServiceKey,
+    pub addr_be: u32,
+}
+
+/// Bits of `SourceRangeKey` before the client address.
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
+pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16_384;
 
 /// A client of a frontend, for session affinity.
 #[repr(C)]
@@ -190,6 +210,7 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<MemberKey>() == 8);
+const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 12);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<ServiceCounters>() == 16);
@@ -207,5 +228,6 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for CtValue {}
 }

@@ -18,15 +18,17 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
+use aya_ebpf::maps::lpm_trie::Key;
 use weir_common::{
-    HAIRPIN_ADDR,
+    HAIRPIN_ADDR, SOURCE_RANGE_FRONTEND_BITS, STAT_DROP_SOURCE_RANGE, SVC_FLAG_SOURCE_RANGES,
+    SourceRangeKey,
     CT_FORWARD, CT_REVERSE, CtKey, CtValue, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT,
     STAT_DROP_REWRITE_FAILED, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE,
     STAT_PASS_UNPARSED, STAT_REVERSE_NAT, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, MAGLEV, SERVICES},
+    maps::{BACKENDS, CONNTRACK, MAGLEV, SERVICES, SOURCE_RANGES},
     packet::Flow,
     stats::{count, count_service},
 };
@@ -116,6 +118,10 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         count(STAT_DROP_NO_LOCAL_ENDPOINT);
         return Ok(TC_ACT_SHOT);
     }
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(&svc_key, flow.saddr_be) {
+        count(STAT_DROP_SOURCE_RANGE);
+        return Ok(TC_ACT_SHOT);
+    }
     if svc.flags & SVC_FLAG_REJECT != 0 || svc.table_size == 0 {
         return Ok(reject::reject(ctx, &flow));
     }
@@ -193,6 +199,18 @@ fn forward_to_backend(ctx: &TcContext, flow: &Flow, entry: &CtValue) -> Result<i
         )),
         Err(e) => rewrite_or_drop(Err(e)),
     }
+}
+
+/// `loadBalancerSourceRanges`: is `client` inside one of the frontend's allowed prefixes?
+fn source_allowed(frontend: &ServiceKey, client_be: u32) -> bool {
+    let key = Key::new(
+        SOURCE_RANGE_FRONTEND_BITS + 32,
+        SourceRangeKey {
+            frontend: *frontend,
+            addr_be: client_be,
+        },
+    );
+    SOURCE_RANGES.get(&key).is_some()
 }
 
 /// A forward entry may outlive its backend (removed from the Service); its id may even have been reused.

@@ -3,10 +3,11 @@
 use aya_ebpf::{
     btf_maps::{Array, HashOfMaps},
     macros::{btf_map, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weir_common::{
-    AffinityKey, AffinityValue, DEFAULT_AFFINITY_MAX, MemberKey,
+    AffinityKey, AffinityValue, DEFAULT_AFFINITY_MAX, DEFAULT_SOURCE_RANGES_MAX, MemberKey,
+    SourceRangeKey,
     Backend, CtKey, CtValue, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
     DEFAULT_MAGLEV_TABLES_MAX, DEFAULT_SERVICES_MAX, MAGLEV_TABLE_FLAGS, STAT_SLOTS,
     ServiceCounters, ServiceKey, ServiceValue,
@@ -52,3 +53,9 @@ pub const SCRATCH_LEN: usize = 160;
 /// Per-CPU working memory for building reply packets (not pinned: it holds nothing between packets).
 #[map(name = "WEIR_SCRATCH")]
 pub static SCRATCH: PerCpuArray<[u8; SCRATCH_LEN]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Allowed client prefixes of LoadBalancer frontends with `loadBalancerSourceRanges` (no-prealloc, as
+/// LPM tries must be).
+#[map(name = "WEIR_SRC_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
+    LpmTrie::pinned(DEFAULT_SOURCE_RANGES_MAX, 0);

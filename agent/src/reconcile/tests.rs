@@ -13,6 +13,7 @@ struct FakeMaps {
     tables: BTreeMap<u32, Vec<u32>>,
     backends: HashMap<u32, Backend>,
     table_capacity: Option<usize>,
+    ranges: std::collections::BTreeSet<(ServiceKey, (Ipv4Addr, u8))>,
 }
 
 impl MapWriter for FakeMaps {
@@ -45,6 +46,18 @@ impl MapWriter for FakeMaps {
     }
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
         self.services.remove(&key);
+        Ok(())
+    }
+    fn put_source_range(&mut self, key: ServiceKey, range: (Ipv4Addr, u8)) -> Result<(), MapError> {
+        self.ranges.insert((key, range));
+        Ok(())
+    }
+    fn delete_source_range(
+        &mut self,
+        key: ServiceKey,
+        range: (Ipv4Addr, u8),
+    ) -> Result<(), MapError> {
+        self.ranges.remove(&(key, range));
         Ok(())
     }
 }
@@ -85,6 +98,7 @@ fn desired(entries: &[(Frontend, &[u8])]) -> Desired {
                 port_name: "http".into(),
                 drop_when_empty: false,
                 affinity_timeout_s: 0,
+                source_ranges: Vec::new(),
                 backends: backends
                     .iter()
                     .map(|b| BackendAddr {
@@ -220,4 +234,39 @@ fn adoption_keeps_backend_ids_and_prunes_orphan_tables() {
         assert_eq!(ids.get(id), Some(backend), "backend ids survive a restart");
     }
     assert_eq!(w.backends.len(), 2);
+}
+
+#[test]
+fn source_ranges_follow_the_frontend() {
+    let mut r = Reconciler::new(FakeMaps::default());
+    let f = frontend(10);
+    let mut d = desired(&[(f, &[1])]);
+    let net = |a: u8, len: u8| (Ipv4Addr::new(192, 0, 2, a), len);
+    d.frontends.get_mut(&f).expect("frontend").source_ranges = vec![net(0, 24), net(128, 25)];
+    r.sync(&d);
+    let v = r.writer().services[&service_key(&f)];
+    assert_eq!(
+        v.flags & weir_common::SVC_FLAG_SOURCE_RANGES,
+        weir_common::SVC_FLAG_SOURCE_RANGES
+    );
+    assert_eq!(r.writer().ranges.len(), 2);
+
+    d.frontends.get_mut(&f).expect("frontend").source_ranges = vec![net(0, 24)];
+    r.sync(&d);
+    assert_eq!(r.writer().ranges.len(), 1, "the removed range is deleted");
+
+    d.frontends.get_mut(&f).expect("frontend").source_ranges = Vec::new();
+    r.sync(&d);
+    let v = r.writer().services[&service_key(&f)];
+    assert_eq!(
+        v.flags & weir_common::SVC_FLAG_SOURCE_RANGES,
+        0,
+        "no ranges: everyone allowed"
+    );
+    assert!(r.writer().ranges.is_empty());
+
+    d.frontends.get_mut(&f).expect("frontend").source_ranges = vec![net(0, 24)];
+    r.sync(&d);
+    r.sync(&desired(&[]));
+    assert!(r.writer().ranges.is_empty(), "deleted with the frontend");
 }
