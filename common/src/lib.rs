@@ -75,7 +75,8 @@ pub const STAT_PASS_NOT_SERVICE: u32 = 8;
 pub const STAT_PASS_UNPARSED: u32 = 9;
 pub const STAT_DROP_NO_LOCAL_ENDPOINT: u32 = 10;
 pub const STAT_DROP_SOURCE_RANGE: u32 = 11;
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_ICMP_TRANSLATED: u32 = 12;
+pub const STAT_COUNT: u32 = 13;
 /// Size of `MAP_STATS`: room for counters added later, so a pinned map survives an upgrade that adds one.
 pub const STAT_SLOTS: u32 = 64;
 
@@ -93,6 +94,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "pass_unparsed",
     "drop_no_local_endpoint",
     "drop_source_range",
+    "icmp_error_translated",
 ];
 
 /// A frontend: the address a client connects to.

@@ -6,6 +6,7 @@
 mod affinity;
 mod csum;
 mod fib;
+mod icmp;
 mod flow;
 mod maps;
 mod nat;
@@ -46,6 +47,9 @@ pub fn weir_pod_ingress(ctx: TcContext) -> i32 {
 
 fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     let Some(flow) = packet::parse_ipv4(ctx) else {
+        if let Some(verdict) = icmp::translate_error(ctx) {
+            return Ok(verdict);
+        }
         count(STAT_PASS_UNPARSED);
         return Ok(TC_ACT_OK);
     };

@@ -1,0 +1,102 @@
+//! ICMP errors about translated flows, translated back: a backend (or a router on the way) reporting
+//! "port unreachable" or "fragmentation needed" quotes the packet as it saw it, addressed to the backend;
+//! the client's kernel only matches the error to its socket if the quote names the frontend it dialled.
+//! This is what makes path-MTU discovery and UDP "connection refused" work through a Service.
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
+use weir_common::{CT_REVERSE, CtKey, PROTO_TCP, PROTO_UDP, STAT_ICMP_TRANSLATED};
+
+use crate::{fib, maps::CONNTRACK, packet::ETH_HLEN, stats::count};
+
+const PROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const OUTER_CSUM: usize = ETH_HLEN + 10;
+const OUTER_SADDR: usize = ETH_HLEN + 12;
+const ICMP: usize = ETH_HLEN + 20;
+const ICMP_CSUM: usize = ICMP + 2;
+const INNER: usize = ICMP + 8;
+const INNER_CSUM: usize = INNER + 10;
+const INNER_DADDR: usize = INNER + 16;
+const INNER_L4: usize = INNER + 20;
+/// Outer headers, ICMP header, inner IPv4 header and the 8 quoted L4 bytes.
+const NEEDED: usize = INNER_L4 + 8;
+
+/// `Some(verdict)` when the packet was an ICMP error about one of our flows (translated and sent on),
+/// `None` when it is not ours.
+#[inline(never)]
+pub fn translate_error(ctx: &TcContext) -> Option<i32> {
+    if (ctx.len() as usize) < NEEDED {
+        return None;
+    }
+    // Outer IPv4 without options, ICMP, an error type, quoting IPv4 without options.
+    let outer: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+    if outer[0] != 0x45 || outer[9] != PROTO_ICMP {
+        return None;
+    }
+    let icmp_type: u8 = ctx.load(ICMP).ok()?;
+    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let inner: [u8; 20] = ctx.load(INNER).ok()?;
+    let proto = inner[9];
+    if inner[0] != 0x45 || (proto != PROTO_TCP && proto != PROTO_UDP) {
+        return None;
+    }
+    let ports: [u16; 2] = ctx.load(INNER_L4).ok()?;
+    let inner_saddr = u32::from_ne_bytes([inner[12], inner[13], inner[14], inner[15]]);
+    let inner_daddr = u32::from_ne_bytes([inner[16], inner[17], inner[18], inner[19]]);
+    // The quoted packet went client → backend; its reply direction is our reverse entry.
+    let key = CtKey {
+        saddr_be: inner_daddr,
+        daddr_be: inner_saddr,
+        sport_be: ports[1],
+        dport_be: ports[0],
+        proto,
+        pad: [0; 3],
+    };
+    // SAFETY: pointer from a successful lookup; CtValue is plain data.
+    let entry = unsafe { *CONNTRACK.get_ptr(key)? };
+    if entry.kind != CT_REVERSE {
+        return None;
+    }
+    rewrite(ctx, &outer, inner_daddr, ports[1], entry.nat_addr_be, entry.nat_port_be).ok()?;
+    count(STAT_ICMP_TRANSLATED);
+    let outer_saddr = u32::from_ne_bytes([outer[12], outer[13], outer[14], outer[15]]);
+    let outer_daddr = u32::from_ne_bytes([outer[16], outer[17], outer[18], outer[19]]);
+    let new_saddr = if outer_saddr == inner_daddr {
+        entry.nat_addr_be
+    } else {
+        outer_saddr
+    };
+    let verdict = fib::forward(ctx, new_saddr, outer_daddr, PROTO_ICMP);
+    Some(if verdict < 0 { TC_ACT_OK } else { verdict })
+}
+
+/// Inner destination address and port back to the frontend, the inner IPv4 checksum and the ICMP
+/// checksum (which covers the quote) updated to match; the outer source too when the backend itself
+/// sent the error.
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    outer: &[u8; 20],
+    backend_be: u32,
+    backend_port_be: u16,
+    frontend_be: u32,
+    frontend_port_be: u16,
+) -> Result<(), i64> {
+    let old_inner_csum: u16 = ctx.load(INNER_CSUM)?;
+    ctx.l3_csum_replace(INNER_CSUM, backend_be as u64, frontend_be as u64, 4)?;
+    ctx.store(INNER_DADDR, &frontend_be, 0)?;
+    ctx.l4_csum_replace(ICMP_CSUM, backend_be as u64, frontend_be as u64, 4)?;
+    let new_inner_csum: u16 = ctx.load(INNER_CSUM)?;
+    ctx.l4_csum_replace(ICMP_CSUM, old_inner_csum as u64, new_inner_csum as u64, 2)?;
+    // The quote's destination port is the second 16-bit word of its L4 header.
+    ctx.store(INNER_L4 + 2, &frontend_port_be, 0)?;
+    ctx.l4_csum_replace(ICMP_CSUM, backend_port_be as u64, frontend_port_be as u64, 2)?;
+    let outer_saddr = u32::from_ne_bytes([outer[12], outer[13], outer[14], outer[15]]);
+    if outer_saddr == backend_be {
+        ctx.l3_csum_replace(OUTER_CSUM, backend_be as u64, frontend_be as u64, 4)?;
+        ctx.store(OUTER_SADDR, &frontend_be, 0)?;
+    }
+    Ok(())
+}
