@@ -239,7 +239,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             _ = sigint.recv() => { info!("SIGINT: detaching"); break; }
         }
     }
-    datapath.detach_all();
+    if args.keep_datapath_on_exit {
+        info!("leaving the datapath attached for the next agent (--keep-datapath-on-exit)");
+    } else {
+        datapath.detach_all();
+    }
     info!("stopped");
     Ok(())
 }

@@ -74,6 +74,12 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
     pub metrics_addr: SocketAddr,
 
+    /// On SIGTERM, leave the programs attached (their links stay pinned) instead of detaching them, so a
+    /// rolling update of the DaemonSet never leaves pods without Service translation; the next agent
+    /// adopts the links.
+    #[arg(long)]
+    pub keep_datapath_on_exit: bool,
+
     /// Capacity of the frontend map (ClusterIP:port/protocol entries); the Maglev table map gets 1,024 more
     /// for tables being swapped in.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_SERVICES_MAX)]

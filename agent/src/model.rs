@@ -14,6 +14,9 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Headless services have no ClusterIP to balance.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Port of a ClusterIP's "any other port" frontend, which rejects.
+pub const ANY_OTHER_PORT: u16 = 0;
+
 /// The pre-field way to set loadBalancerSourceRanges, still honoured when the field is empty.
 pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
@@ -591,6 +594,27 @@ fn service_frontends(
     // kube-proxy's rule: a labelled Service belongs to the proxy of that name only.
     if svc.proxy_name.is_some() && svc.proxy_name != node.service_proxy_name {
         return out;
+    }
+    // Every ClusterIP refuses ports no Service defines (a removed port fails at once, as with
+    // kube-proxy): port 0, never a real port, with no backend, is the datapath's "any other port" entry.
+    for ip in &svc.cluster_ips {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            out.push((
+                Frontend {
+                    ip: *ip,
+                    port: ANY_OTHER_PORT,
+                    protocol,
+                },
+                FrontendState {
+                    service: svc.id.clone(),
+                    port_name: String::new(),
+                    backends: BTreeSet::new(),
+                    drop_when_empty: false,
+                    affinity_timeout_s: 0,
+                    source_ranges: Vec::new(),
+                },
+            ));
+        }
     }
     for port in &svc.ports {
         // Every endpoint of this port, with the port number its slice gives it.

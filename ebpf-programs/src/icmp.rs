@@ -59,7 +59,15 @@ pub fn translate_error(ctx: &TcContext) -> Option<i32> {
     if entry.kind != CT_REVERSE {
         return None;
     }
-    rewrite(ctx, &outer, inner_daddr, ports[1], entry.nat_addr_be, entry.nat_port_be).ok()?;
+    rewrite(
+        ctx,
+        &outer,
+        inner_daddr,
+        ports[1],
+        entry.nat_addr_be,
+        entry.nat_port_be,
+    )
+    .ok()?;
     count(STAT_ICMP_TRANSLATED);
     let outer_saddr = u32::from_ne_bytes([outer[12], outer[13], outer[14], outer[15]]);
     let outer_daddr = u32::from_ne_bytes([outer[16], outer[17], outer[18], outer[19]]);
@@ -92,7 +100,12 @@ fn rewrite(
     ctx.l4_csum_replace(ICMP_CSUM, old_inner_csum as u64, new_inner_csum as u64, 2)?;
     // The quote's destination port is the second 16-bit word of its L4 header.
     ctx.store(INNER_L4 + 2, &frontend_port_be, 0)?;
-    ctx.l4_csum_replace(ICMP_CSUM, backend_port_be as u64, frontend_port_be as u64, 2)?;
+    ctx.l4_csum_replace(
+        ICMP_CSUM,
+        backend_port_be as u64,
+        frontend_port_be as u64,
+        2,
+    )?;
     let outer_saddr = u32::from_ne_bytes([outer[12], outer[13], outer[14], outer[15]]);
     if outer_saddr == backend_be {
         ctx.l3_csum_replace(OUTER_CSUM, backend_be as u64, frontend_be as u64, 4)?;

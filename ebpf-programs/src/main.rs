@@ -6,26 +6,26 @@
 mod affinity;
 mod csum;
 mod fib;
-mod icmp;
 mod flow;
+mod icmp;
 mod maps;
 mod nat;
 mod packet;
 mod reject;
 mod stats;
 
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     macros::classifier,
     programs::TcContext,
 };
-use aya_ebpf::maps::lpm_trie::Key;
 use weir_common::{
-    HAIRPIN_ADDR, SOURCE_RANGE_FRONTEND_BITS, STAT_DROP_SOURCE_RANGE, SVC_FLAG_SOURCE_RANGES,
-    SourceRangeKey,
-    CT_FORWARD, CT_REVERSE, CtKey, CtValue, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT,
-    STAT_DROP_REWRITE_FAILED, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE,
-    STAT_PASS_UNPARSED, STAT_REVERSE_NAT, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey,
+    CT_FORWARD, CT_REVERSE, CtKey, CtValue, HAIRPIN_ADDR, SOURCE_RANGE_FRONTEND_BITS,
+    STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT, STAT_DROP_REWRITE_FAILED,
+    STAT_DROP_SOURCE_RANGE, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE,
+    STAT_PASS_UNPARSED, STAT_REVERSE_NAT, SVC_FLAG_DROP, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, SourceRangeKey,
 };
 
 use crate::{
@@ -112,6 +112,15 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         pad: 0,
     };
     let Some(svc) = SERVICES.get_ptr(svc_key) else {
+        // A ClusterIP on a port no Service defines is refused, as kube-proxy does, rather than routed
+        // nowhere: the agent marks every ClusterIP with a port-0 entry that rejects.
+        let any_port = ServiceKey {
+            port_be: 0,
+            ..svc_key
+        };
+        if SERVICES.get_ptr(any_port).is_some() {
+            return Ok(reject::reject(ctx, &flow));
+        }
         count(STAT_PASS_NOT_SERVICE);
         return Ok(TC_ACT_OK);
     };

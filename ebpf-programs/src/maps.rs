@@ -6,11 +6,10 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weir_common::{
-    AffinityKey, AffinityValue, DEFAULT_AFFINITY_MAX, DEFAULT_SOURCE_RANGES_MAX, MemberKey,
-    SourceRangeKey,
-    Backend, CtKey, CtValue, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX,
-    DEFAULT_MAGLEV_TABLES_MAX, DEFAULT_SERVICES_MAX, MAGLEV_TABLE_FLAGS, STAT_SLOTS,
-    ServiceCounters, ServiceKey, ServiceValue,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
+    DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_MAGLEV_TABLES_MAX, DEFAULT_SERVICES_MAX,
+    DEFAULT_SOURCE_RANGES_MAX, MAGLEV_TABLE_FLAGS, MemberKey, STAT_SLOTS, ServiceCounters,
+    ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 #[map(name = "WEIR_SERVICES")]

@@ -24,7 +24,10 @@ const _: () = assert!(OUT_OFF + RST_LEN <= SCRATCH_LEN && OUT_OFF + ICMP_LEN <= 
 /// The per-CPU scratch buffer, with the first `len` bytes of the packet copied to `IN_OFF` and the
 /// reply area zeroed.
 #[inline(always)]
-fn scratch_with_headers(ctx: &TcContext, len: usize) -> Result<&'static mut [u8; SCRATCH_LEN], i64> {
+fn scratch_with_headers(
+    ctx: &TcContext,
+    len: usize,
+) -> Result<&'static mut [u8; SCRATCH_LEN], i64> {
     let buf = SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
     // SAFETY: a per-CPU array slot: only this program, on this CPU, uses it until it returns.
     let buf = unsafe { &mut *buf };

@@ -205,3 +205,41 @@ fn sigkill_and_restart_lose_no_byte_of_established_flows_and_serve_new_connectio
     );
     assert!(agent.stop().expect("stop").success());
 }
+
+#[test]
+fn sigterm_with_keep_datapath_on_exit_leaves_the_datapath_serving_for_the_next_agent() {
+    let lab = Lab::new().expect("lab");
+    let (_backends, client) = scenario::add_standard_pods(&lab).expect("pods");
+    scenario::write_echo_service(&lab, &[&lab.pod("backend-a"), &lab.pod("backend-b")])
+        .expect("config");
+    let mut agent = lab
+        .start_agent(&["--keep-datapath-on-exit"])
+        .expect("agent");
+    agent
+        .wait_healthy(scenario::HEALTHY_TIMEOUT)
+        .expect("healthy");
+    let mut conn = client
+        .tcp_connect(cluster_addr(TCP_PORT.0), T)
+        .expect("connect");
+    let (backend, _) = parse_greeting(&conn.read_line().expect("greeting")).expect("greeting");
+
+    assert!(agent.stop().expect("SIGTERM").success(), "exits 0");
+    // No agent: established and new connections are still served.
+    assert_eq!(
+        conn.exchange("after").expect("echo"),
+        format!("{backend} after")
+    );
+    client
+        .tcp_request(cluster_addr(TCP_PORT.0), T)
+        .expect("new connection with no agent running");
+
+    let mut next = lab.start_agent(&[]).expect("next agent");
+    next.wait_healthy(scenario::HEALTHY_TIMEOUT)
+        .expect("healthy");
+    next.wait_for_log("adopted pinned link", Duration::from_secs(2))
+        .expect("the next agent adopts the links left attached");
+    assert_eq!(
+        conn.exchange("again").expect("echo"),
+        format!("{backend} again")
+    );
+}

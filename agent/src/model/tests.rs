@@ -1,5 +1,13 @@
 use super::*;
 
+/// Frontends on real ports (each ClusterIP also has its reject-any-other-port entries).
+fn served(d: &Desired) -> usize {
+    d.frontends
+        .keys()
+        .filter(|f| f.port != ANY_OTHER_PORT)
+        .count()
+}
+
 fn service(yaml: &str) -> Service {
     serde_yaml::from_str(yaml).expect("test YAML parses")
 }
@@ -45,7 +53,7 @@ fn service_and_slice_yield_one_frontend_per_port_with_ready_backends() {
         .expect("valid")
         .expect("ours");
     let d = desired([&svc], [&sl], &NodeContext::default());
-    assert_eq!(d.frontends.len(), 2);
+    assert_eq!(served(&d), 2);
     let http = &d.frontends[&Frontend {
         ip: Ipv4Addr::new(10, 96, 0, 10),
         port: 80,
@@ -73,7 +81,7 @@ fn service_without_slices_has_a_rejecting_frontend() {
         .expect("valid")
         .expect("ours");
     let d = desired([&svc], [], &NodeContext::default());
-    assert_eq!(d.frontends.len(), 2);
+    assert_eq!(served(&d), 2);
     assert!(d.frontends.values().all(|f| f.backends.is_empty()));
 }
 
@@ -150,7 +158,7 @@ fn services_that_are_not_ours_are_skipped() {
     );
     node.service_proxy_name = Some("other".into());
     assert_eq!(
-        desired([&spec], [], &node).frontends.len(),
+        served(&desired([&spec], [], &node)),
         2,
         "ours when the names match"
     );
@@ -243,7 +251,7 @@ fn node_ports_answer_on_every_node_ip_and_external_ips_on_the_service_port() {
     let tcp: Vec<String> = d
         .frontends
         .keys()
-        .filter(|f| f.protocol == Protocol::Tcp)
+        .filter(|f| f.protocol == Protocol::Tcp && f.port != ANY_OTHER_PORT)
         .map(ToString::to_string)
         .collect();
     assert_eq!(
@@ -445,4 +453,23 @@ fn prefer_close_keeps_traffic_in_zone_only_when_every_endpoint_is_hinted() {
         cluster_http(),
     );
     assert_eq!(b, ["10.0.0.1"]);
+}
+
+#[test]
+fn every_cluster_ip_rejects_ports_no_service_defines() {
+    let svc = ServiceSpec::from_k8s(&service(WEB))
+        .expect("valid")
+        .expect("ours");
+    let sl = SliceSpec::from_k8s(&slice(WEB_SLICE))
+        .expect("valid")
+        .expect("ours");
+    let d = desired([&svc], [&sl], &NodeContext::default());
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let any = &d.frontends[&Frontend {
+            ip: Ipv4Addr::new(10, 96, 0, 10),
+            port: ANY_OTHER_PORT,
+            protocol,
+        }];
+        assert!(any.backends.is_empty() && !any.drop_when_empty, "rejects");
+    }
 }
