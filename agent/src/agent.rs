@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use crate::{
     bpffs,
     cli::Args,
-    datapath::{Capacities, Datapath, Maps},
+    datapath::{Capacities, Datapath, Hook, Maps},
     health_check::HealthCheckServers,
     http::{self, Endpoint},
     kube_source,
@@ -93,8 +93,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for iface in &args.external_ifaces {
         let index = nix::net::if_::if_nametoindex(iface.as_str())
             .with_context(|| format!("--external-iface {iface}: no such interface"))?;
+        match iface_ipv4(iface) {
+            Some(addr) => datapath
+                .set_external_address(index, addr)
+                .with_context(|| format!("--external-iface {iface}"))?,
+            None => warn!(
+                iface = %iface,
+                "no IPv4 address: outside traffic arriving here cannot be SNATed to backends on other nodes"
+            ),
+        }
         datapath
-            .attach(index, iface)
+            .attach(index, iface, Hook::External)
             .with_context(|| format!("--external-iface {iface}"))?;
     }
     let metrics = Arc::new(Metrics::new(args.healthz_timeout));
@@ -212,7 +221,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
             ev = link_rx.recv() => match ev {
                 Some(LinkEvent::Present { index, name }) => {
-                    if let Err(e) = datapath.attach(index, &name) {
+                    if let Err(e) = datapath.attach(index, &name, Hook::Pod) {
                         // The interface may have vanished between the event and the attach.
                         warn!(iface = %name, index, "cannot attach: {e}");
                     }
@@ -246,6 +255,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The first IPv4 address of `iface`, the source for SNAT of outside traffic it carries.
+fn iface_ipv4(iface: &str) -> Option<std::net::Ipv4Addr> {
+    nix::ifaddrs::getifaddrs()
+        .ok()?
+        .filter(|a| a.interface_name == iface)
+        .find_map(|a| a.address?.as_sockaddr_in().map(|sin| sin.ip()))
 }
 
 /// Node IPs for NodePorts: `--node-ip` if given, else the Node object's addresses when the source knows

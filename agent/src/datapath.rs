@@ -22,10 +22,10 @@ use aya::{
 };
 use tracing::{info, warn};
 use weir_common::{
-    Backend, MAGLEV_TABLE_FLAGS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV,
-    MAP_MEMBERS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS, MemberKey,
-    PROG_POD_INGRESS, SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT, ServiceCounters, ServiceKey,
-    ServiceValue, SourceRangeKey,
+    Backend, MAGLEV_TABLE_FLAGS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_EXT_IFACES,
+    MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS,
+    MemberKey, PROG_EXT_INGRESS, PROG_POD_INGRESS, SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT,
+    ServiceCounters, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use crate::reconcile::{Adopted, MapError, MapWriter};
@@ -73,6 +73,31 @@ pub enum DatapathError {
     },
 }
 
+/// Which program an interface gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// The node side of a pod interface.
+    Pod,
+    /// An interface facing outside the node (`--external-iface`).
+    External,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Pod => PROG_POD_INGRESS,
+            Hook::External => PROG_EXT_INGRESS,
+        }
+    }
+
+    fn pin_prefix(self) -> &'static str {
+        match self {
+            Hook::Pod => "pod-ingress-",
+            Hook::External => "ext-ingress-",
+        }
+    }
+}
+
 /// How an interface came to be served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attached {
@@ -94,6 +119,7 @@ struct Attachment {
 /// The loaded object: owns the program and its attachments.
 pub struct Datapath {
     ebpf: Ebpf,
+    ext_ifaces: HashMap<MapData, u32, u32>,
     links_dir: PathBuf,
     attached: StdHashMap<u32, Attachment>,
 }
@@ -141,21 +167,24 @@ impl Datapath {
                 pin_dir: pin_dir.display().to_string(),
                 source: Box::new(source),
             })?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_POD_INGRESS)
-            .ok_or(DatapathError::Missing {
-                what: "program",
-                name: PROG_POD_INGRESS,
-            })?
-            .try_into()
-            .map_err(|source| DatapathError::Program {
-                context: format!("{PROG_POD_INGRESS} is not a TC classifier"),
+        for name in [PROG_POD_INGRESS, PROG_EXT_INGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing {
+                    what: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    context: format!("{name} is not a TC classifier"),
+                    source,
+                })?;
+            prog.load().map_err(|source| DatapathError::Program {
+                context: format!("verifying {name}"),
                 source,
             })?;
-        prog.load().map_err(|source| DatapathError::Program {
-            context: format!("verifying {PROG_POD_INGRESS}"),
-            source,
-        })?;
+        }
+        let ext_ifaces = take_map(&mut ebpf, MAP_EXT_IFACES)?;
 
         let maps = Maps {
             services: take_map(&mut ebpf, MAP_SERVICES)?,
@@ -205,6 +234,7 @@ impl Datapath {
         Ok((
             Self {
                 ebpf,
+                ext_ifaces,
                 links_dir,
                 attached: StdHashMap::new(),
             },
@@ -213,12 +243,13 @@ impl Datapath {
         ))
     }
 
-    fn program(&mut self) -> Result<&mut SchedClassifier, DatapathError> {
+    fn program(&mut self, hook: Hook) -> Result<&mut SchedClassifier, DatapathError> {
+        let name = hook.program();
         self.ebpf
-            .program_mut(PROG_POD_INGRESS)
+            .program_mut(name)
             .ok_or(DatapathError::Missing {
                 what: "program",
-                name: PROG_POD_INGRESS,
+                name,
             })?
             .try_into()
             .map_err(|source| DatapathError::Program {
@@ -227,20 +258,40 @@ impl Datapath {
             })
     }
 
-    fn pin_path(&self, index: u32) -> PathBuf {
-        self.links_dir.join(format!("pod-ingress-{index}"))
+    fn pin_path(&self, hook: Hook, index: u32) -> PathBuf {
+        self.links_dir.join(format!("{}{index}", hook.pin_prefix()))
+    }
+
+    /// Records this node's IPv4 address on an external interface, which outside traffic to a backend on
+    /// another node is SNATed to.
+    pub fn set_external_address(
+        &mut self,
+        index: u32,
+        addr: Ipv4Addr,
+    ) -> Result<(), DatapathError> {
+        self.ext_ifaces
+            .insert(index, u32::from(addr).to_be(), 0)
+            .map_err(|source| DatapathError::Map {
+                name: MAP_EXT_IFACES,
+                source,
+            })
     }
 
     /// Serves the ingress of `name` (index `index`). A link pinned by a previous agent for this index
     /// gets its program replaced in one `bpf_link_update`, so the interface is never without a program
     /// across a restart or upgrade; otherwise a new link is created and pinned.
-    pub fn attach(&mut self, index: u32, name: &str) -> Result<Attached, DatapathError> {
+    pub fn attach(
+        &mut self,
+        index: u32,
+        name: &str,
+        hook: Hook,
+    ) -> Result<Attached, DatapathError> {
         if self.attached.contains_key(&index) {
             // Same index: the link follows the device, whatever its name now.
             return Ok(Attached::Already);
         }
-        let pin = self.pin_path(index);
-        let prog = self.program()?;
+        let pin = self.pin_path(hook, index);
+        let prog = self.program(hook)?;
         if pin.exists() {
             match adopt_link(prog, &pin) {
                 Ok(link) => {
@@ -268,7 +319,7 @@ impl Datapath {
         let link_id =
             prog.attach(name, TcAttachType::Ingress)
                 .map_err(|source| DatapathError::Program {
-                    context: format!("attaching {PROG_POD_INGRESS} to {name} ingress"),
+                    context: format!("attaching {} to {name} ingress", hook.program()),
                     source,
                 })?;
         let link: FdLink = prog
@@ -294,7 +345,7 @@ impl Datapath {
                 pin,
             },
         );
-        info!(iface = name, index, "attached pod ingress program");
+        info!(iface = name, index, program = hook.program(), "attached");
         Ok(Attached::New)
     }
 
@@ -315,7 +366,10 @@ impl Datapath {
             let name = entry.file_name();
             let index = name
                 .to_str()
-                .and_then(|n| n.strip_prefix("pod-ingress-"))
+                .and_then(|n| {
+                    n.strip_prefix(Hook::Pod.pin_prefix())
+                        .or_else(|| n.strip_prefix(Hook::External.pin_prefix()))
+                })
                 .and_then(|n| n.parse::<u32>().ok());
             if index.is_none_or(|i| !self.attached.contains_key(&i)) {
                 info!(pin = %entry.path().display(), "removing the pinned link of a vanished interface");

@@ -27,6 +27,13 @@ pub const MAP_SERVICE_STATS: &str = "WEIR_SVC_STATS";
 
 /// Name of the TC program attached to the node side of pod interfaces.
 pub const PROG_POD_INGRESS: &str = "weir_pod_ingress";
+/// Name of the TC program attached to the node's external interfaces (`--external-iface`).
+pub const PROG_EXT_INGRESS: &str = "weir_ext_ingress";
+/// External interfaces: ifindex → this node's IPv4 address on it (big-endian), the source used when
+/// outside traffic is SNATed towards a backend on another node.
+pub const MAP_EXT_IFACES: &str = "WEIR_EXT_IFACES";
+/// First port of the range SNAT allocates from (up to 65535), as Cilium's default.
+pub const SNAT_PORT_MIN: u16 = 32_768;
 
 /// `BPF_F_INNER_MAP | BPF_F_MMAPABLE`, set on the Maglev inner-map template and on every table the agent
 /// creates: INNER_MAP lets tables of different sizes be values of the same outer map, MMAPABLE lets the
@@ -76,7 +83,9 @@ pub const STAT_PASS_UNPARSED: u32 = 9;
 pub const STAT_DROP_NO_LOCAL_ENDPOINT: u32 = 10;
 pub const STAT_DROP_SOURCE_RANGE: u32 = 11;
 pub const STAT_ICMP_TRANSLATED: u32 = 12;
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_SNAT_NEW: u32 = 13;
+pub const STAT_DROP_SNAT_EXHAUSTED: u32 = 14;
+pub const STAT_COUNT: u32 = 15;
 /// Size of `MAP_STATS`: room for counters added later, so a pinned map survives an upgrade that adds one.
 pub const STAT_SLOTS: u32 = 64;
 
@@ -95,6 +104,8 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_no_local_endpoint",
     "drop_source_range",
     "icmp_error_translated",
+    "snat_new",
+    "drop_snat_exhausted",
 ];
 
 /// A frontend: the address a client connects to.
@@ -201,10 +212,13 @@ pub struct CtValue {
     pub pad: u8,
     /// Backend chosen for the flow; a forward hit re-selects when this id no longer names `nat_addr`.
     pub backend_id: u32,
-    /// Hairpin (a pod reaching itself through a Service): the other address is rewritten too, the
-    /// source to [`HAIRPIN_ADDR`] on the way in, the destination back to the client on the way out, so
-    /// the pod's reply leaves the pod instead of looping inside it. 0 otherwise.
+    /// The other side rewritten too, when not 0: the source on the way in (forward), the destination
+    /// on the way out (reverse). Hairpin: the source becomes [`HAIRPIN_ADDR`] so the pod's reply leaves
+    /// the pod; SNAT of outside traffic to a backend on another node: the source becomes this node's
+    /// address and an allocated port, so the reply comes back through this node.
     pub peer_addr_be: u32,
+    pub peer_port_be: u16,
+    pub pad2: [u8; 6],
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
@@ -216,7 +230,7 @@ const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 12);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<ServiceCounters>() == 16);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 
 #[cfg(feature = "user")]
 mod pod {

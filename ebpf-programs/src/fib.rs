@@ -20,8 +20,9 @@ const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 
 /// Redirects the (already rewritten) IPv4 packet towards `daddr_be` per the node's FIB. Returns the TC
 /// verdict; anything the FIB cannot answer (a local destination, no route, TTL about to expire) goes to
-/// the stack as `TC_ACT_OK`, which then decides as it always would.
-#[inline(always)]
+/// the stack as `TC_ACT_OK`, which then decides as it always would. Out of line: the lookup parameters
+/// would otherwise sit in every caller's frame.
+#[inline(never)]
 pub fn forward(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> i32 {
     // SAFETY: FibParams is a plain C struct of integers and unions of integers; all-zero is valid.
     let mut params: FibParams = unsafe { mem::zeroed() };
@@ -60,6 +61,29 @@ pub fn forward(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> i32 
     }
     // SAFETY: plain helper call with an ifindex the FIB returned.
     unsafe { bpf_redirect(params.ifindex, 0) as i32 }
+}
+
+/// The interface the FIB would send `daddr_be` out of, or `None` when it cannot say (local, no route).
+#[inline(never)]
+pub fn egress_ifindex(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> Option<u32> {
+    // SAFETY: FibParams is a plain C struct of integers and unions of integers; all-zero is valid.
+    let mut params: FibParams = unsafe { mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = proto;
+    // SAFETY: ctx.skb.skb is the live __sk_buff this program was called with.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = saddr_be;
+    params.__bindgen_anon_4.ipv4_dst = daddr_be;
+    // SAFETY: the helper reads and writes only `params`, whose size we pass.
+    let ret = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast(),
+            &mut params,
+            mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    } as u32;
+    (ret == BPF_FIB_LKUP_RET_SUCCESS || ret == BPF_FIB_LKUP_RET_NO_NEIGH).then_some(params.ifindex)
 }
 
 /// A router's TTL decrement, refusing when the packet would expire (the stack then sends the ICMP).

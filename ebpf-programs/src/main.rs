@@ -12,6 +12,7 @@ mod maps;
 mod nat;
 mod packet;
 mod reject;
+mod snat;
 mod stats;
 
 use aya_ebpf::maps::lpm_trie::Key;
@@ -23,13 +24,13 @@ use aya_ebpf::{
 use weir_common::{
     CT_FORWARD, CT_REVERSE, CtKey, CtValue, HAIRPIN_ADDR, SOURCE_RANGE_FRONTEND_BITS,
     STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT, STAT_DROP_REWRITE_FAILED,
-    STAT_DROP_SOURCE_RANGE, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE,
-    STAT_PASS_UNPARSED, STAT_REVERSE_NAT, SVC_FLAG_DROP, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES,
-    ServiceKey, SourceRangeKey,
+    STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_SOURCE_RANGE, STAT_FWD_ESTABLISHED, STAT_FWD_NEW,
+    STAT_PASS_NOT_SERVICE, STAT_PASS_UNPARSED, STAT_REVERSE_NAT, STAT_SNAT_NEW, SVC_FLAG_DROP,
+    SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, MAGLEV, SERVICES, SOURCE_RANGES},
+    maps::{BACKENDS, CONNTRACK, EXT_IFACES, MAGLEV, SERVICES, SOURCE_RANGES},
     packet::Flow,
     stats::{count, count_service},
 };
@@ -38,14 +39,19 @@ use crate::{
 /// client's request (to a frontend) and a backend's reply (to translate back) are seen before routing.
 #[classifier]
 pub fn weir_pod_ingress(ctx: TcContext) -> i32 {
-    match try_pod_ingress(&ctx) {
-        Ok(action) => action,
-        // Fail open on what we cannot parse: it is not ours to drop.
-        Err(()) => TC_ACT_OK,
-    }
+    // Fail open on what we cannot parse: it is not ours to drop.
+    ingress(&ctx, false).unwrap_or(TC_ACT_OK)
 }
 
-fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
+/// Ingress of an external interface: NodePort, externalIP and LoadBalancer traffic from outside the
+/// node, and replies from backends on other nodes.
+#[classifier]
+pub fn weir_ext_ingress(ctx: TcContext) -> i32 {
+    ingress(&ctx, true).unwrap_or(TC_ACT_OK)
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext, outside: bool) -> Result<i32, ()> {
     let Some(flow) = packet::parse_ipv4(ctx) else {
         if let Some(verdict) = icmp::translate_error(ctx) {
             return Ok(verdict);
@@ -67,44 +73,72 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         // update can at worst give a stale copy, which the checks below tolerate.
         let entry = unsafe { *entry };
         if entry.kind == CT_REVERSE {
-            count(STAT_REVERSE_NAT);
-            count_service(
-                &ServiceKey {
-                    addr_be: entry.nat_addr_be,
-                    port_be: entry.nat_port_be,
-                    proto: flow.proto,
-                    pad: 0,
-                },
-                ctx.len(),
-            );
-            let mut daddr = flow.daddr_be;
-            let mut done = nat::snat(ctx, &flow, entry.nat_addr_be, entry.nat_port_be);
-            if done.is_ok() && entry.peer_addr_be != 0 {
-                // Hairpin reply: back to the client that is also the backend.
-                daddr = entry.peer_addr_be;
-                done = nat::dnat(ctx, &flow, daddr, flow.dport_be);
-            }
-            return match done {
-                Ok(()) => Ok(fib::forward(ctx, entry.nat_addr_be, daddr, flow.proto)),
-                Err(e) => rewrite_or_drop(Err(e)),
-            };
+            return reply(ctx, &flow, &entry);
         }
         if entry.kind == CT_FORWARD && backend_still_valid(&entry) {
-            count(STAT_FWD_ESTABLISHED);
-            count_service(
-                &ServiceKey {
-                    addr_be: flow.daddr_be,
-                    port_be: flow.dport_be,
-                    proto: flow.proto,
-                    pad: 0,
-                },
-                ctx.len(),
-            );
-            return forward_to_backend(ctx, &flow, &entry);
+            return established(ctx, &flow, &entry);
         }
         // A forward entry whose backend is gone falls through and is re-balanced like a new flow.
     }
+    // Each path is its own subprogram and rejects are built at this level: the verifier limits the
+    // stack of a whole call chain to 512 bytes.
+    match new_flow(ctx, &flow, &ct_key, outside)? {
+        NewFlow::Done(verdict) => Ok(verdict),
+        NewFlow::Reject => Ok(reject::reject(ctx, &flow)),
+    }
+}
 
+enum NewFlow {
+    Done(i32),
+    /// The frontend has no endpoint (or the ClusterIP no such port): answer with RST / ICMP.
+    Reject,
+}
+
+/// A backend's reply: source back to the frontend (and destination back to the real client when the
+/// flow was hairpinned or SNATed).
+#[inline(never)]
+fn reply(ctx: &TcContext, flow: &Flow, entry: &CtValue) -> Result<i32, ()> {
+    count(STAT_REVERSE_NAT);
+    count_service(
+        &ServiceKey {
+            addr_be: entry.nat_addr_be,
+            port_be: entry.nat_port_be,
+            proto: flow.proto,
+            pad: 0,
+        },
+        ctx.len(),
+    );
+    let mut daddr = flow.daddr_be;
+    let mut done = nat::snat(ctx, flow, entry.nat_addr_be, entry.nat_port_be);
+    if done.is_ok() && entry.peer_addr_be != 0 {
+        daddr = entry.peer_addr_be;
+        done = nat::dnat(ctx, flow, daddr, entry.peer_port_be);
+    }
+    match done {
+        Ok(()) => Ok(fib::forward(ctx, entry.nat_addr_be, daddr, flow.proto)),
+        Err(e) => rewrite_or_drop(Err(e)),
+    }
+}
+
+/// A packet of a flow already balanced: to the same backend.
+#[inline(never)]
+fn established(ctx: &TcContext, flow: &Flow, entry: &CtValue) -> Result<i32, ()> {
+    count(STAT_FWD_ESTABLISHED);
+    count_service(
+        &ServiceKey {
+            addr_be: flow.daddr_be,
+            port_be: flow.dport_be,
+            proto: flow.proto,
+            pad: 0,
+        },
+        ctx.len(),
+    );
+    forward_to_backend(ctx, flow, entry)
+}
+
+/// A packet that starts a flow: find its frontend, pick a backend, record the flow both ways, translate.
+#[inline(never)]
+fn new_flow(ctx: &TcContext, flow: &Flow, ct_key: &CtKey, outside: bool) -> Result<NewFlow, ()> {
     let svc_key = ServiceKey {
         addr_be: flow.daddr_be,
         port_be: flow.dport_be,
@@ -119,32 +153,32 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
             ..svc_key
         };
         if SERVICES.get_ptr(any_port).is_some() {
-            return Ok(reject::reject(ctx, &flow));
+            return Ok(NewFlow::Reject);
         }
         count(STAT_PASS_NOT_SERVICE);
-        return Ok(TC_ACT_OK);
+        return Ok(NewFlow::Done(TC_ACT_OK));
     };
     // SAFETY: pointer from a successful lookup; ServiceValue is plain data and the agent replaces
     // entries whole (one update per frontend), so the copy is a consistent value.
     let svc = unsafe { *svc };
     if svc.flags & SVC_FLAG_DROP != 0 {
         count(STAT_DROP_NO_LOCAL_ENDPOINT);
-        return Ok(TC_ACT_SHOT);
+        return Ok(NewFlow::Done(TC_ACT_SHOT));
     }
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(&svc_key, flow.saddr_be) {
         count(STAT_DROP_SOURCE_RANGE);
-        return Ok(TC_ACT_SHOT);
+        return Ok(NewFlow::Done(TC_ACT_SHOT));
     }
     if svc.flags & SVC_FLAG_REJECT != 0 || svc.table_size == 0 {
-        return Ok(reject::reject(ctx, &flow));
+        return Ok(NewFlow::Reject);
     }
 
-    let slot = flow::hash(&flow) % svc.table_size;
+    let slot = flow::hash(flow) % svc.table_size;
     // SAFETY: tables are arrays (never deleted element-wise) and a swapped-out table stays alive while
     // any program holds a reference to it, so the slot read is a valid u32.
     let Some(&hashed) = (unsafe { MAGLEV.get_value(&svc.table_id, &slot) }) else {
         count(STAT_DROP_NO_BACKEND);
-        return Ok(TC_ACT_SHOT);
+        return Ok(NewFlow::Done(TC_ACT_SHOT));
     };
     let backend_id = if svc.affinity_timeout_s != 0 {
         affinity::choose(&svc_key, &svc, flow.saddr_be, hashed)
@@ -153,28 +187,53 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
     };
     let Some(backend) = BACKENDS.get_ptr(backend_id) else {
         count(STAT_DROP_NO_BACKEND);
-        return Ok(TC_ACT_SHOT);
+        return Ok(NewFlow::Done(TC_ACT_SHOT));
     };
     // SAFETY: pointer from a successful lookup; Backend is plain data.
     let backend = unsafe { *backend };
 
-    // A pod reaching itself through the Service: its reply would never leave it unless the source is
-    // translated too.
-    let hairpin = backend.addr_be == flow.saddr_be;
-    let hairpin_be = u32::from_ne_bytes(HAIRPIN_ADDR);
+    // Whose address the backend sees. A pod reaching itself through the Service (hairpin) must see
+    // another source, or its reply would never leave it. Outside traffic to a backend on another node
+    // must see this node, or the reply would go straight to the client, untranslated.
+    let (peer_addr, peer_port) = if backend.addr_be == flow.saddr_be {
+        (u32::from_ne_bytes(HAIRPIN_ADDR), flow.sport_be)
+    } else if outside && let Some(node_be) = remote_via_ext(ctx, flow, backend.addr_be) {
+        match snat::allocate_port(node_be, &backend, flow) {
+            Some(port) => {
+                count(STAT_SNAT_NEW);
+                (node_be, port)
+            }
+            None => {
+                count(STAT_DROP_SNAT_EXHAUSTED);
+                return Ok(NewFlow::Done(TC_ACT_SHOT));
+            }
+        }
+    } else {
+        (0, 0)
+    };
     let forward = CtValue {
         nat_addr_be: backend.addr_be,
         nat_port_be: backend.port_be,
         kind: CT_FORWARD,
         pad: 0,
         backend_id,
-        peer_addr_be: if hairpin { hairpin_be } else { 0 },
+        peer_addr_be: peer_addr,
+        peer_port_be: peer_port,
+        pad2: [0; 6],
     };
     let reverse_key = CtKey {
         saddr_be: backend.addr_be,
-        daddr_be: if hairpin { hairpin_be } else { flow.saddr_be },
+        daddr_be: if peer_addr != 0 {
+            peer_addr
+        } else {
+            flow.saddr_be
+        },
         sport_be: backend.port_be,
-        dport_be: flow.sport_be,
+        dport_be: if peer_addr != 0 {
+            peer_port
+        } else {
+            flow.sport_be
+        },
         proto: flow.proto,
         pad: [0; 3],
     };
@@ -184,25 +243,41 @@ fn try_pod_ingress(ctx: &TcContext) -> Result<i32, ()> {
         kind: CT_REVERSE,
         pad: 0,
         backend_id,
-        peer_addr_be: if hairpin { flow.saddr_be } else { 0 },
+        peer_addr_be: if peer_addr != 0 { flow.saddr_be } else { 0 },
+        peer_port_be: if peer_addr != 0 { flow.sport_be } else { 0 },
+        pad2: [0; 6],
     };
     // An LRU insert only fails on allocation failure; the packet is still translated, and the next
     // packet of the flow picks the same backend from the same Maglev table.
     let _ = CONNTRACK.insert(reverse_key, reverse, 0);
-    let _ = CONNTRACK.insert(ct_key, forward, 0);
+    let _ = CONNTRACK.insert(*ct_key, forward, 0);
     count(STAT_FWD_NEW);
     count_service(&svc_key, ctx.len());
-    forward_to_backend(ctx, &flow, &forward)
+    forward_to_backend(ctx, flow, &forward).map(NewFlow::Done)
 }
 
-/// DNAT to the entry's backend; for a hairpin flow also SNAT to [`HAIRPIN_ADDR`] and send the packet
-/// straight back towards the pod (the node's routes would otherwise see it leave where it came in).
+/// When the backend is reached through an external interface (it lives on another node), this node's
+/// address on the interface the request came in on, to SNAT to.
+#[inline(always)]
+fn remote_via_ext(ctx: &TcContext, flow: &Flow, backend_be: u32) -> Option<u32> {
+    let egress = fib::egress_ifindex(ctx, flow.saddr_be, backend_be, flow.proto)?;
+    EXT_IFACES.get_ptr(egress)?;
+    // SAFETY: ctx.skb.skb is the live __sk_buff this program was called with.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: pointer from a successful lookup of a u32.
+    EXT_IFACES.get_ptr(ingress).map(|a| unsafe { *a })
+}
+
+/// DNAT to the entry's backend; with a peer (hairpin, SNAT) also rewrite the source and send the packet
+/// on with a FIB redirect (the node's routes would otherwise see a hairpin leave where it came in, and
+/// a node address as source is a martian to its input path).
+#[inline(always)]
 fn forward_to_backend(ctx: &TcContext, flow: &Flow, entry: &CtValue) -> Result<i32, ()> {
     let done = nat::dnat(ctx, flow, entry.nat_addr_be, entry.nat_port_be);
     if entry.peer_addr_be == 0 {
         return rewrite_or_drop(done);
     }
-    let done = done.and_then(|()| nat::snat(ctx, flow, entry.peer_addr_be, flow.sport_be));
+    let done = done.and_then(|()| nat::snat(ctx, flow, entry.peer_addr_be, entry.peer_port_be));
     match done {
         Ok(()) => Ok(fib::forward(
             ctx,

@@ -58,3 +58,7 @@ pub static SCRATCH: PerCpuArray<[u8; SCRATCH_LEN]> = PerCpuArray::with_max_entri
 #[map(name = "WEIR_SRC_RANGES")]
 pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
     LpmTrie::pinned(DEFAULT_SOURCE_RANGES_MAX, 0);
+
+/// Written by the agent when it attaches to an external interface; a handful of entries.
+#[map(name = "WEIR_EXT_IFACES")]
+pub static EXT_IFACES: HashMap<u32, u32> = HashMap::pinned(64, 0);
