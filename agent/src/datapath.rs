@@ -22,10 +22,10 @@ use aya::{
 };
 use tracing::{info, warn};
 use weir_common::{
-    Backend, MAGLEV_TABLE_FLAGS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK, MAP_EXT_IFACES,
-    MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS,
-    MemberKey, PROG_EXT_INGRESS, PROG_POD_INGRESS, SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT,
-    ServiceCounters, ServiceKey, ServiceValue, SourceRangeKey,
+    Backend, CtKey, CtValue, MAGLEV_TABLE_FLAGS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
+    MAP_EXT_IFACES, MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SOURCE_RANGES,
+    MAP_STATS, MemberKey, PROG_EXT_INGRESS, PROG_POD_INGRESS, SOURCE_RANGE_FRONTEND_BITS,
+    STAT_COUNT, ServiceCounters, ServiceKey, ServiceValue, SourceRangeKey,
 };
 
 use crate::reconcile::{Adopted, MapError, MapWriter};
@@ -132,6 +132,8 @@ pub struct Maps {
     service_stats: PerCpuHashMap<MapData, ServiceKey, ServiceCounters>,
     members: HashMap<MapData, MemberKey, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
+    /// A writable handle on the pinned conntrack map, to purge the flows of deleted frontends.
+    conntrack: HashMap<MapData, CtKey, CtValue>,
     /// Which backend ids each table's members are, to delete them with the table.
     member_index: StdHashMap<u32, Vec<u32>>,
 }
@@ -197,6 +199,12 @@ impl Datapath {
             backends: take_map(&mut ebpf, MAP_BACKENDS)?,
             members: take_map(&mut ebpf, MAP_MEMBERS)?,
             member_index: StdHashMap::new(),
+            conntrack: MapData::from_pin(pin_dir.join(MAP_CONNTRACK))
+                .and_then(|m| HashMap::try_from(aya::maps::Map::LruHashMap(m)))
+                .map_err(|source| DatapathError::Map {
+                    name: MAP_CONNTRACK,
+                    source,
+                })?,
             source_ranges: LpmTrie::try_from(take_raw(&mut ebpf, MAP_SOURCE_RANGES)?).map_err(
                 |source| DatapathError::Map {
                     name: MAP_SOURCE_RANGES,
@@ -608,6 +616,42 @@ impl MapWriter for Maps {
     ) -> Result<(), MapError> {
         ignore_missing(self.source_ranges.remove(&source_range_key(key, range)))
             .map_err(|e| map_error(MAP_SOURCE_RANGES, "delete", e))
+    }
+
+    fn purge_flows(
+        &mut self,
+        frontends: &std::collections::BTreeSet<ServiceKey>,
+    ) -> Result<usize, MapError> {
+        let frontend_of = |k: &CtKey, v: &CtValue| {
+            if v.kind == weir_common::CT_REVERSE {
+                ServiceKey {
+                    addr_be: v.nat_addr_be,
+                    port_be: v.nat_port_be,
+                    proto: k.proto,
+                    pad: 0,
+                }
+            } else {
+                ServiceKey {
+                    addr_be: k.daddr_be,
+                    port_be: k.dport_be,
+                    proto: k.proto,
+                    pad: 0,
+                }
+            }
+        };
+        // Collect first: deleting while walking the keys can make the walk restart.
+        let doomed: Vec<CtKey> = self
+            .conntrack
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| frontends.contains(&frontend_of(k, v)))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            ignore_missing(self.conntrack.remove(k))
+                .map_err(|e| map_error(MAP_CONNTRACK, "delete", e))?;
+        }
+        Ok(doomed.len())
     }
 
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {

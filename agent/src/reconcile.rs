@@ -42,6 +42,8 @@ pub trait MapWriter {
         key: ServiceKey,
         range: (Ipv4Addr, u8),
     ) -> Result<(), MapError>;
+    /// Removes the conntrack entries of flows to these (deleted) frontends; returns how many.
+    fn purge_flows(&mut self, frontends: &BTreeSet<ServiceKey>) -> Result<usize, MapError>;
 }
 
 /// What was already in the pinned maps when the agent started.
@@ -256,6 +258,13 @@ impl<W: MapWriter> Reconciler<W> {
             .filter(|k| !wanted_keys.contains(k))
             .copied()
             .collect();
+        // kube-proxy clears the conntrack entries of deleted UDP Services, so their datagrams stop
+        // reaching the old backends; TCP connections, as with kube-proxy, live on until they close.
+        let purge: BTreeSet<ServiceKey> = stale
+            .iter()
+            .filter(|k| k.proto == weir_common::PROTO_UDP)
+            .copied()
+            .collect();
         for key in stale {
             match self.writer.delete_service(key) {
                 Ok(()) => {
@@ -269,6 +278,20 @@ impl<W: MapWriter> Reconciler<W> {
                 }
                 Err(e) => {
                     error!(?key, "cannot delete frontend: {e}");
+                    report.errors += 1;
+                }
+            }
+        }
+
+        if !purge.is_empty() {
+            match self.writer.purge_flows(&purge) {
+                Ok(n) if n > 0 => tracing::info!(
+                    flows = n,
+                    "removed conntrack entries of deleted UDP frontends"
+                ),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!("cannot remove conntrack entries of deleted frontends: {e}");
                     report.errors += 1;
                 }
             }

@@ -85,7 +85,8 @@ pub const STAT_DROP_SOURCE_RANGE: u32 = 11;
 pub const STAT_ICMP_TRANSLATED: u32 = 12;
 pub const STAT_SNAT_NEW: u32 = 13;
 pub const STAT_DROP_SNAT_EXHAUSTED: u32 = 14;
-pub const STAT_COUNT: u32 = 15;
+pub const STAT_DROP_FRAGMENT: u32 = 15;
+pub const STAT_COUNT: u32 = 16;
 /// Size of `MAP_STATS`: room for counters added later, so a pinned map survives an upgrade that adds one.
 pub const STAT_SLOTS: u32 = 64;
 
@@ -106,6 +107,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "icmp_error_translated",
     "snat_new",
     "drop_snat_exhausted",
+    "drop_fragment",
 ];
 
 /// A frontend: the address a client connects to.

@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use weir_common::{
     CT_FORWARD, CT_REVERSE, CtKey, CtValue, HAIRPIN_ADDR, SOURCE_RANGE_FRONTEND_BITS,
-    STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT, STAT_DROP_REWRITE_FAILED,
+    STAT_DROP_FRAGMENT, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT, STAT_DROP_REWRITE_FAILED,
     STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_SOURCE_RANGE, STAT_FWD_ESTABLISHED, STAT_FWD_NEW,
     STAT_PASS_NOT_SERVICE, STAT_PASS_UNPARSED, STAT_REVERSE_NAT, STAT_SNAT_NEW, SVC_FLAG_DROP,
     SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
@@ -55,6 +55,20 @@ fn ingress(ctx: &TcContext, outside: bool) -> Result<i32, ()> {
     let Some(flow) = packet::parse_ipv4(ctx) else {
         if let Some(verdict) = icmp::translate_error(ctx) {
             return Ok(verdict);
+        }
+        // Fragments to a ClusterIP cannot be balanced (only the first carries ports): drop, counted,
+        // rather than let them wander to a node that has no route for a virtual address.
+        if let Some((proto, daddr_be)) = packet::fragment_destination(ctx) {
+            let any_port = ServiceKey {
+                addr_be: daddr_be,
+                port_be: 0,
+                proto,
+                pad: 0,
+            };
+            if SERVICES.get_ptr(any_port).is_some() {
+                count(STAT_DROP_FRAGMENT);
+                return Ok(TC_ACT_SHOT);
+            }
         }
         count(STAT_PASS_UNPARSED);
         return Ok(TC_ACT_OK);

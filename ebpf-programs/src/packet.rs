@@ -85,6 +85,30 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Flow> {
     })
 }
 
+/// For a fragment (first or not) of a TCP or UDP packet: its protocol and destination address. Fragments
+/// after the first carry no ports, so no fragment can be balanced; the caller decides whether it is
+/// addressed to a frontend.
+#[inline(always)]
+pub fn fragment_destination(ctx: &TcContext) -> Option<(u8, u32)> {
+    if ctx.data() + ETH_HLEN + IPV4_MIN_HLEN > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: bytes [0, ETH_HLEN + 20) were bounds-checked just above.
+    let (eth_proto, version_ihl, frag, proto, daddr) = unsafe {
+        (
+            read::<u16>(ctx, 12),
+            read::<u8>(ctx, ETH_HLEN),
+            read::<u16>(ctx, ETH_HLEN + 6),
+            read::<u8>(ctx, ETH_HLEN + 9),
+            read::<u32>(ctx, ETH_HLEN + 16),
+        )
+    };
+    let is_fragment = eth_proto == ETH_P_IP_BE
+        && version_ihl >> 4 == 4
+        && u16::from_be(frag) & IP_FRAG_MASK != 0;
+    (is_fragment && (proto == PROTO_TCP || proto == PROTO_UDP)).then_some((proto, daddr))
+}
+
 /// Offset of the L4 checksum field.
 #[inline(always)]
 pub fn l4_csum_off(flow: &Flow) -> usize {

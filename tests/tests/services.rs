@@ -199,3 +199,47 @@ fn service_proxy_name_and_headless_labels_decide_who_serves() {
             .is_err()
     });
 }
+
+#[test]
+fn deleting_a_udp_service_ends_its_established_flows() {
+    let lab = Lab::new().expect("lab");
+    let (backends, client, _agent) = scenario::start_standard(&lab).expect("scene");
+    // Another Service on the same backends keeps them programmed, so only the purge can end the flow.
+    lab.write_config(
+        "other.yaml",
+        &scenario::echo_service(
+            "other",
+            [10, 96, 0, 30].into(),
+            &scenario::ready(&backends.iter().collect::<Vec<_>>()),
+        ),
+    )
+    .expect("config");
+    let sock = client
+        .run(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.connect(scenario::cluster_addr(scenario::UDP_PORT.0))?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .expect("netns")
+        .expect("socket");
+    let mut buf = [0u8; 256];
+    sock.send(b"1").expect("send");
+    sock.recv(&mut buf)
+        .expect("served while the Service exists");
+
+    lab.remove_config("echo.yaml").expect("delete the Service");
+    // Same 5-tuple: without the purge its conntrack entry would keep reaching the old backend.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let _ = sock.send(b"2");
+        if sock.recv(&mut buf).is_err() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "UDP flow still served 3 s after the delete"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -14,6 +14,7 @@ struct FakeMaps {
     backends: HashMap<u32, Backend>,
     table_capacity: Option<usize>,
     ranges: std::collections::BTreeSet<(ServiceKey, (Ipv4Addr, u8))>,
+    purged: Vec<ServiceKey>,
 }
 
 impl MapWriter for FakeMaps {
@@ -59,6 +60,13 @@ impl MapWriter for FakeMaps {
     ) -> Result<(), MapError> {
         self.ranges.remove(&(key, range));
         Ok(())
+    }
+    fn purge_flows(
+        &mut self,
+        frontends: &std::collections::BTreeSet<ServiceKey>,
+    ) -> Result<usize, MapError> {
+        self.purged.extend(frontends.iter().copied());
+        Ok(frontends.len())
     }
 }
 
@@ -269,4 +277,17 @@ fn source_ranges_follow_the_frontend() {
     r.sync(&d);
     r.sync(&desired(&[]));
     assert!(r.writer().ranges.is_empty(), "deleted with the frontend");
+}
+
+#[test]
+fn deleting_a_udp_frontend_purges_its_flows_but_not_tcp() {
+    let mut r = Reconciler::new(FakeMaps::default());
+    let tcp = frontend(10);
+    let udp = Frontend {
+        protocol: Protocol::Udp,
+        ..frontend(11)
+    };
+    r.sync(&desired(&[(tcp, &[1]), (udp, &[1])]));
+    r.sync(&desired(&[]));
+    assert_eq!(r.writer().purged, [service_key(&udp)]);
 }
