@@ -106,6 +106,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .attach(index, iface, Hook::External)
             .with_context(|| format!("--external-iface {iface}"))?;
     }
+    if !args.no_socket_lb {
+        match bpffs::ensure_cgroup2(&args.cgroup_root) {
+            Ok(mounted) => {
+                if mounted {
+                    info!(dir = %args.cgroup_root.display(), "mounted cgroup v2");
+                }
+                datapath
+                    .attach_socket_lb(&args.cgroup_root)
+                    .context("socket-level load balancing (--no-socket-lb to run without)")?;
+            }
+            Err(e) => bail!("{e} (--no-socket-lb to run without socket-level load balancing)"),
+        }
+    }
     let metrics = Arc::new(Metrics::new(args.healthz_timeout));
     metrics.set_stats_reader(stats);
     metrics.set_state(AgentState {

@@ -1,9 +1,10 @@
-//! Makes sure the pin directory is on a bpffs: `ip netns exec` and containers often show a /sys without one.
+//! Makes sure the pin directory is on a bpffs (and the cgroup root on cgroup v2): `ip netns exec` and
+//! containers often show a /sys without them.
 use std::path::Path;
 
 use nix::{
     mount::{MsFlags, mount},
-    sys::statfs::{BPF_FS_MAGIC, statfs},
+    sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -68,4 +69,30 @@ pub fn ensure(dir: &Path) -> Result<bool, BpffsError> {
         .and_then(|()| std::fs::remove_dir(&probe))
         .map_err(|source| BpffsError::ReadOnly { dir: d, source })?;
     Ok(mounted)
+}
+
+/// Makes sure `dir` is a cgroup v2 mount (mounting one there if not). Returns true when this call
+/// mounted it.
+pub fn ensure_cgroup2(dir: &Path) -> Result<bool, BpffsError> {
+    let d = dir.display().to_string();
+    std::fs::create_dir_all(dir).map_err(|source| BpffsError::Create {
+        dir: d.clone(),
+        source,
+    })?;
+    let fs = statfs(dir).map_err(|source| BpffsError::Stat {
+        dir: d.clone(),
+        source,
+    })?;
+    if fs.filesystem_type() == CGROUP2_SUPER_MAGIC {
+        return Ok(false);
+    }
+    mount(
+        Some("cgroup2"),
+        dir,
+        Some("cgroup2"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| BpffsError::Mount { dir: d, source })?;
+    Ok(true)
 }

@@ -65,6 +65,15 @@ pub struct Args {
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/weir")]
     pub bpffs_dir: PathBuf,
 
+    /// cgroup v2 hierarchy whose root gets the socket-level load balancing hooks for processes in the
+    /// node's own network namespace (host-network clients); mounted there if it is not cgroup v2.
+    #[arg(long, value_name = "DIR", default_value = "/run/weir/cgroupv2")]
+    pub cgroup_root: PathBuf,
+
+    /// Do not attach the socket-level hooks: host-network processes then do not reach Services.
+    #[arg(long)]
+    pub no_socket_lb: bool,
+
     /// Health endpoint: GET /healthz is 200 once the first full sync is programmed and pod interfaces
     /// are attached, 503 before and when a sync is overdue.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10256")]

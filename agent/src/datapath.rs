@@ -15,17 +15,19 @@ use aya::{
         PerCpuHashMap, lpm_trie::Key as LpmKey,
     },
     programs::{
-        SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
     },
 };
 use tracing::{info, warn};
 use weir_common::{
-    Backend, CtKey, CtValue, MAGLEV_TABLE_FLAGS, MAP_AFFINITY, MAP_BACKENDS, MAP_CONNTRACK,
-    MAP_EXT_IFACES, MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SOURCE_RANGES,
-    MAP_STATS, MemberKey, PROG_EXT_INGRESS, PROG_POD_INGRESS, SOURCE_RANGE_FRONTEND_BITS,
-    STAT_COUNT, ServiceCounters, ServiceKey, ServiceValue, SourceRangeKey,
+    Backend, CONFIG_NETNS_COOKIE, CtKey, CtValue, MAGLEV_TABLE_FLAGS, MAP_AFFINITY, MAP_BACKENDS,
+    MAP_CONFIG, MAP_CONNTRACK, MAP_EXT_IFACES, MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS, MemberKey, PROG_EXT_INGRESS, PROG_POD_INGRESS,
+    PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
+    SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT, ServiceCounters, ServiceKey, ServiceValue,
+    SourceRangeKey,
 };
 
 use crate::reconcile::{Adopted, MapError, MapWriter};
@@ -186,6 +188,23 @@ impl Datapath {
                 source,
             })?;
         }
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing {
+                    what: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    context: format!("{name} is not a cgroup sock_addr program"),
+                    source,
+                })?;
+            prog.load().map_err(|source| DatapathError::Program {
+                context: format!("verifying {name}"),
+                source,
+            })?;
+        }
         let ext_ifaces = take_map(&mut ebpf, MAP_EXT_IFACES)?;
 
         let maps = Maps {
@@ -268,6 +287,61 @@ impl Datapath {
 
     fn pin_path(&self, hook: Hook, index: u32) -> PathBuf {
         self.links_dir.join(format!("{}{index}", hook.pin_prefix()))
+    }
+
+    /// Socket-level load balancing for this network namespace's own processes: the cgroup hooks are
+    /// attached at the root of the cgroup v2 hierarchy mounted at `cgroup_root` (they then see every
+    /// process) and told which namespace is ours by its cookie.
+    pub fn attach_socket_lb(&mut self, cgroup_root: &Path) -> Result<(), DatapathError> {
+        let cookie = netns_cookie().map_err(|source| DatapathError::Io {
+            context: "reading this network namespace's cookie (SO_NETNS_COOKIE)".to_owned(),
+            source,
+        })?;
+        let mut config: Array<&mut MapData, u64> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_CONFIG)
+                .ok_or(DatapathError::Missing {
+                    what: "map",
+                    name: MAP_CONFIG,
+                })?,
+        )
+        .map_err(|source| DatapathError::Map {
+            name: MAP_CONFIG,
+            source,
+        })?;
+        config
+            .set(CONFIG_NETNS_COOKIE, cookie, 0)
+            .map_err(|source| DatapathError::Map {
+                name: MAP_CONFIG,
+                source,
+            })?;
+        let cgroup = std::fs::File::open(cgroup_root).map_err(|source| DatapathError::Io {
+            context: format!("opening cgroup {}", cgroup_root.display()),
+            source,
+        })?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing {
+                    what: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    context: format!("{name} type"),
+                    source,
+                })?;
+            // A bpf_link (kernel ≥ 5.7) coexists with other agents' links on the same cgroup (other
+            // nodes' namespaces on one host, in tests) by nature; link_create takes no attach flags.
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|source| DatapathError::Program {
+                    context: format!("attaching {name} to {}", cgroup_root.display()),
+                    source,
+                })?;
+        }
+        info!(cgroup = %cgroup_root.display(), cookie, "socket-level load balancing for host processes");
+        Ok(())
     }
 
     /// Records this node's IPv4 address on an external interface, which outside traffic to a backend on
@@ -397,6 +471,35 @@ impl Datapath {
             release(a);
         }
     }
+}
+
+const SOCK_PROGRAMS: [&str; 4] = [
+    PROG_SOCK_CONNECT4,
+    PROG_SOCK_SENDMSG4,
+    PROG_SOCK_RECVMSG4,
+    PROG_SOCK_GETPEERNAME4,
+];
+
+/// The cookie the kernel gives this network namespace (what `bpf_get_netns_cookie` returns in it).
+fn netns_cookie() -> io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let ret = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Unpins and drops a link; with no pin and no fd left, the kernel detaches it.

@@ -32,6 +32,42 @@ pub const PROG_EXT_INGRESS: &str = "weir_ext_ingress";
 /// External interfaces: ifindex → this node's IPv4 address on it (big-endian), the source used when
 /// outside traffic is SNATed towards a backend on another node.
 pub const MAP_EXT_IFACES: &str = "WEIR_EXT_IFACES";
+/// Socket-level load balancing for processes in the node's own network namespace (host-network
+/// clients): cgroup `connect4`/`sendmsg4` translate the destination before any packet exists,
+/// `recvmsg4`/`getpeername4` show the application the frontend it asked for.
+pub const PROG_SOCK_CONNECT4: &str = "weir_sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "weir_sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "weir_sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "weir_sock_getpeername4";
+/// (socket cookie, backend) → the frontend the socket addressed (LRU).
+pub const MAP_SOCK_REVNAT: &str = "WEIR_SOCK_REVNAT";
+/// Agent settings the programs read: index `CONFIG_NETNS_COOKIE` = the network namespace whose sockets
+/// the socket hooks serve (cgroup hooks see every namespace; only the agent's node is ours).
+pub const MAP_CONFIG: &str = "WEIR_CONFIG";
+pub const CONFIG_NETNS_COOKIE: u32 = 0;
+pub const CONFIG_SLOTS: u32 = 8;
+
+/// A socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub pad: u16,
+}
+
+/// The frontend that socket addressed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockRevValue {
+    pub frontend_addr_be: u32,
+    pub frontend_port_be: u16,
+    pub pad: u16,
+}
+
+pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;
+
 /// First port of the range SNAT allocates from (up to 65535), as Cilium's default.
 pub const SNAT_PORT_MIN: u16 = 32_768;
 
@@ -229,6 +265,8 @@ const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<MemberKey>() == 8);
 const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 12);
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<ServiceCounters>() == 16);
@@ -247,5 +285,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for MemberKey {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for CtValue {}
 }

@@ -13,20 +13,22 @@ mod nat;
 mod packet;
 mod reject;
 mod snat;
+mod sock;
 mod stats;
 
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
 };
 use weir_common::{
     CT_FORWARD, CT_REVERSE, CtKey, CtValue, HAIRPIN_ADDR, SOURCE_RANGE_FRONTEND_BITS,
-    STAT_DROP_FRAGMENT, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT, STAT_DROP_REWRITE_FAILED,
-    STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_SOURCE_RANGE, STAT_FWD_ESTABLISHED, STAT_FWD_NEW,
-    STAT_PASS_NOT_SERVICE, STAT_PASS_UNPARSED, STAT_REVERSE_NAT, STAT_SNAT_NEW, SVC_FLAG_DROP,
-    SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
+    STAT_DROP_FRAGMENT, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT,
+    STAT_DROP_REWRITE_FAILED, STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_SOURCE_RANGE,
+    STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE, STAT_PASS_UNPARSED,
+    STAT_REVERSE_NAT, STAT_SNAT_NEW, SVC_FLAG_DROP, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES,
+    ServiceKey, SourceRangeKey,
 };
 
 use crate::{
@@ -48,6 +50,26 @@ pub fn weir_pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn weir_ext_ingress(ctx: TcContext) -> i32 {
     ingress(&ctx, true).unwrap_or(TC_ACT_OK)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn weir_sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn weir_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn weir_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn weir_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx)
 }
 
 #[inline(always)]

@@ -1,15 +1,15 @@
 //! Every map of the datapath, pinned by name under the agent's `--bpffs-dir` so its state survives the agent.
 //! Sizes here are defaults; the agent overrides them at load time.
 use aya_ebpf::{
-    btf_maps::{Array, HashOfMaps},
+    btf_maps::{Array as BtfArray, HashOfMaps},
     macros::{btf_map, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weir_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
+    AffinityKey, AffinityValue, Backend, CONFIG_SLOTS, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
     DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_MAGLEV_TABLES_MAX, DEFAULT_SERVICES_MAX,
-    DEFAULT_SOURCE_RANGES_MAX, MAGLEV_TABLE_FLAGS, MemberKey, STAT_SLOTS, ServiceCounters,
-    ServiceKey, ServiceValue, SourceRangeKey,
+    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOURCE_RANGES_MAX, MAGLEV_TABLE_FLAGS, MemberKey, STAT_SLOTS,
+    ServiceCounters, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey,
 };
 
 #[map(name = "WEIR_SERVICES")]
@@ -17,7 +17,7 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(DEFAULT
 
 /// Inner-map template: `BPF_F_INNER_MAP` lets every table have its own prime size (4 bytes a slot); the
 /// agent creates the tables. BTF map definitions carry no pinning, so the agent pins this one by path.
-type MaglevTable = Array<u32, 1, { MAGLEV_TABLE_FLAGS as usize }>;
+type MaglevTable = BtfArray<u32, 1, { MAGLEV_TABLE_FLAGS as usize }>;
 
 #[btf_map(name = "WEIR_MAGLEV")]
 pub static MAGLEV: HashOfMaps<u32, MaglevTable, { DEFAULT_MAGLEV_TABLES_MAX as usize }> =
@@ -62,3 +62,11 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
 /// Written by the agent when it attaches to an external interface; a handful of entries.
 #[map(name = "WEIR_EXT_IFACES")]
 pub static EXT_IFACES: HashMap<u32, u32> = HashMap::pinned(64, 0);
+
+#[map(name = "WEIR_SOCK_REVNAT")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
+    LruHashMap::pinned(DEFAULT_SOCK_REVNAT_MAX, 0);
+
+/// Written by the agent at start (not pinned: a new agent writes it again before attaching).
+#[map(name = "WEIR_CONFIG")]
+pub static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_SLOTS, 0);

@@ -103,9 +103,8 @@ pub fn fragment_destination(ctx: &TcContext) -> Option<(u8, u32)> {
             read::<u32>(ctx, ETH_HLEN + 16),
         )
     };
-    let is_fragment = eth_proto == ETH_P_IP_BE
-        && version_ihl >> 4 == 4
-        && u16::from_be(frag) & IP_FRAG_MASK != 0;
+    let is_fragment =
+        eth_proto == ETH_P_IP_BE && version_ihl >> 4 == 4 && u16::from_be(frag) & IP_FRAG_MASK != 0;
     (is_fragment && (proto == PROTO_TCP || proto == PROTO_UDP)).then_some((proto, daddr))
 }
 

@@ -1,0 +1,117 @@
+//! Socket-level load balancing for the node's own processes (host-network pods, the kubelet, …): their
+//! packets never cross a pod interface, so the destination is translated when the socket connects or
+//! sends, before any packet exists, and translated back for `recvmsg` and `getpeername`, as Cilium's
+//! socket LB does. No per-packet NAT, no conntrack entry.
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
+use weir_common::{
+    CONFIG_NETNS_COOKIE, PROTO_TCP, PROTO_UDP, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey,
+    SockRevKey, SockRevValue,
+};
+
+use crate::maps::{BACKENDS, CONFIG, MAGLEV, SERVICES, SOCK_REVNAT};
+
+/// Verdicts of cgroup sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
+pub const ALLOW: i32 = 1;
+pub const DENY: i32 = 0;
+
+/// Only sockets of the agent's own network namespace: cgroup hooks run for every namespace on the host.
+#[inline(always)]
+fn ours(ctx: &SockAddrContext) -> bool {
+    // SAFETY: plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    CONFIG
+        .get(CONFIG_NETNS_COOKIE)
+        .is_some_and(|c| *c != 0 && *c == cookie)
+}
+
+/// connect4 / sendmsg4: a frontend destination becomes a Maglev-chosen backend.
+#[inline(always)]
+pub fn translate(ctx: &SockAddrContext) -> i32 {
+    if !ours(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: the context pointer is the kernel's bpf_sock_addr for this call.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let proto = sa.protocol as u8;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return ALLOW;
+    }
+    let key = ServiceKey {
+        addr_be: sa.user_ip4,
+        port_be: sa.user_port as u16,
+        proto,
+        pad: 0,
+    };
+    let Some(svc) = SERVICES.get_ptr(key) else {
+        return ALLOW;
+    };
+    // SAFETY: pointer from a successful lookup; ServiceValue is plain data.
+    let svc = unsafe { *svc };
+    if svc.flags & (SVC_FLAG_DROP | SVC_FLAG_REJECT) != 0 || svc.table_size == 0 {
+        // The socket API has no "refused" at connect time from here; EPERM fails it at once.
+        return DENY;
+    }
+    // SAFETY: plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // One socket, one backend: hash the cookie (murmur3's finaliser) onto the Maglev table.
+    let mut h = cookie ^ (cookie >> 33);
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    let slot = (h as u32) % svc.table_size;
+    // SAFETY: tables are arrays never deleted element-wise; a swapped-out table lives while referenced.
+    let Some(&backend_id) = (unsafe { MAGLEV.get_value(&svc.table_id, &slot) }) else {
+        return ALLOW;
+    };
+    let Some(backend) = BACKENDS.get_ptr(backend_id) else {
+        return ALLOW;
+    };
+    // SAFETY: pointer from a successful lookup; Backend is plain data.
+    let backend = unsafe { *backend };
+    let rev_key = SockRevKey {
+        cookie,
+        backend_addr_be: backend.addr_be,
+        backend_port_be: backend.port_be,
+        pad: 0,
+    };
+    let rev = SockRevValue {
+        frontend_addr_be: key.addr_be,
+        frontend_port_be: key.port_be,
+        pad: 0,
+    };
+    if SOCK_REVNAT.insert(rev_key, rev, 0).is_err() {
+        // Without the reverse entry replies would show the backend's address: leave this one alone.
+        return ALLOW;
+    }
+    sa.user_ip4 = backend.addr_be;
+    sa.user_port = u32::from(backend.port_be);
+    ALLOW
+}
+
+/// recvmsg4 / getpeername4: the backend's address shown as the frontend the socket addressed.
+#[inline(always)]
+pub fn restore(ctx: &SockAddrContext) -> i32 {
+    if !ours(ctx) {
+        return ALLOW;
+    }
+    // SAFETY: the context pointer is the kernel's bpf_sock_addr for this call.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // SAFETY: plain helper call on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevKey {
+        cookie,
+        backend_addr_be: sa.user_ip4,
+        backend_port_be: sa.user_port as u16,
+        pad: 0,
+    };
+    if let Some(rev) = SOCK_REVNAT.get_ptr(key) {
+        // SAFETY: pointer from a successful lookup; SockRevValue is plain data.
+        let rev = unsafe { *rev };
+        sa.user_ip4 = rev.frontend_addr_be;
+        sa.user_port = u32::from(rev.frontend_port_be);
+    }
+    ALLOW
+}
