@@ -31,11 +31,25 @@ const MAX_IFNAME: usize = 15;
 /// fresh /sys in which a bpffs mounted under /sys/fs/bpf would not be visible.
 pub(crate) const BPFFS_ROOT: &str = "/run/weir-tests";
 
-/// State shared by a lab and its pod handles: the teardown flag and the backend threads to join.
+/// State shared by a lab and its pod handles: the teardown flag and the backend threads to join. A
+/// [`crate::cluster::Cluster`] has one too, for the hosts it owns outside any lab.
 #[derive(Debug, Default)]
-struct Shared {
+pub(crate) struct Shared {
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Shared {
+    /// Stops the backends started through pods sharing this state and joins their threads, so their
+    /// sockets are closed before the namespaces they live in are deleted. `owner` names them in messages.
+    pub(crate) fn stop_backends(&self, owner: &str) {
+        self.stop.store(true, Ordering::Relaxed);
+        for handle in lock(&self.threads).drain(..) {
+            if handle.join().is_err() {
+                eprintln!("weir-tests: a backend thread of {owner} panicked");
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -377,12 +391,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         // Backends first: they hold sockets (and so references) in the pod namespaces.
-        self.shared.stop.store(true, Ordering::Relaxed);
-        for handle in lock(&self.shared.threads).drain(..) {
-            if handle.join().is_err() {
-                eprintln!("weir-tests: a backend thread of lab {} panicked", self.id);
-            }
-        }
+        self.shared.stop_backends(&format!("lab {}", self.id));
         // Deleting a pod namespace destroys its veth pair, node side included.
         lock(&self.pods).clear();
         self.node = None;
@@ -420,6 +429,24 @@ pub struct Pod {
 }
 
 impl Pod {
+    /// A handle on an existing namespace `netns` whose backends belong to `shared`: how a
+    /// [`crate::cluster::Cluster`] hands out its outside hosts and node host networks as pods.
+    pub(crate) fn new(
+        name: &str,
+        netns: &str,
+        ip: Ipv4Addr,
+        node_iface: &str,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            netns: netns.to_owned(),
+            ip,
+            node_iface: node_iface.to_owned(),
+            shared,
+        }
+    }
+
     /// The pod's name, which its backends put in every reply.
     pub fn name(&self) -> &str {
         &self.name

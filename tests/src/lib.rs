@@ -4,6 +4,7 @@
 //! (a veth per pod, no bridge). Backends and clients run as threads inside those namespaces, and an
 //! [`Agent`] runs the real `weir-agent` binary in the node namespace. Everything is torn down on `Drop`,
 //! also when a test panics, and names are unique per process and lab so tests run in parallel.
+//! A [`Cluster`] puts several labs (nodes) and outside hosts on one L2 fabric, for cross-node tests.
 //!
 //! Every lab needs root; the harness panics (never skips) without it.
 
@@ -11,6 +12,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod lab;
 pub mod netns;
 pub mod scenario;
@@ -18,5 +20,6 @@ pub mod yaml;
 
 pub use agent::{Agent, agent_binary};
 pub use client::{ClientError, Failure, HttpResponse, TcpConn, UdpReply};
+pub use cluster::Cluster;
 pub use lab::{Lab, Pod};
 pub use netns::{in_netns, is_root, require_root};

@@ -83,6 +83,126 @@ pub fn endpointslice_yaml(
     y
 }
 
+/// A discovery.k8s.io/v1 EndpointSlice like [`endpointslice_yaml`], but each endpoint names the node it runs
+/// on: `endpoints` are `(address, nodeName, ready)`. Multi-node tests need `nodeName`, because
+/// externalTrafficPolicy=Local (and the health check node port) count only the agent's own node's endpoints.
+pub fn endpointslice_with_nodes(
+    ns: &str,
+    slice_name: &str,
+    service: &str,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(Ipv4Addr, &str, bool)],
+) -> String {
+    let y = endpointslice_yaml(ns, slice_name, service, ports, &[]);
+    if endpoints.is_empty() {
+        return y;
+    }
+    // The shared header and ports, with the empty endpoint list replaced by ours.
+    let mut list = String::from("endpoints:\n");
+    for (ip, node, ready) in endpoints {
+        list.push_str(&format!(
+            "- addresses:\n  - {}\n  nodeName: {}\n  conditions:\n    ready: {ready}\n    serving: {ready}\n    \
+             terminating: false\n",
+            q(&ip.to_string()),
+            q(node)
+        ));
+    }
+    y.replacen("endpoints: []\n", &list, 1)
+}
+
+/// `spec.externalTrafficPolicy` of a Service that exposes node ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    /// Every node forwards to every ready endpoint (Kubernetes' default).
+    Cluster,
+    /// A node forwards only to its own endpoints, and drops when it has none.
+    Local,
+}
+
+impl TrafficPolicy {
+    /// The value as Kubernetes spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cluster => "Cluster",
+            Self::Local => "Local",
+        }
+    }
+}
+
+/// A core/v1 `NodePort` Service with explicit node ports. `ports` are `(name, port, protocol, target_port,
+/// node_port)`; otherwise as [`service_yaml`].
+pub fn nodeport_service_yaml(
+    ns: &str,
+    name: &str,
+    cluster_ip: &str,
+    policy: TrafficPolicy,
+    ports: &[(&str, u16, &str, u16, u16)],
+) -> String {
+    exposed_service_yaml(ns, name, cluster_ip, "NodePort", policy, ports)
+}
+
+/// A core/v1 `LoadBalancer` Service: [`nodeport_service_yaml`] plus `status.loadBalancer.ingress` with
+/// `ingress_ips` and, when given, `spec.healthCheckNodePort` (the API server allocates one for Local
+/// LoadBalancer Services; the agent serves it only then).
+pub fn loadbalancer_service_yaml(
+    ns: &str,
+    name: &str,
+    cluster_ip: &str,
+    policy: TrafficPolicy,
+    ports: &[(&str, u16, &str, u16, u16)],
+    ingress_ips: &[Ipv4Addr],
+    health_check_node_port: Option<u16>,
+) -> String {
+    let mut y = exposed_service_yaml(ns, name, cluster_ip, "LoadBalancer", policy, ports);
+    if let Some(port) = health_check_node_port {
+        y = y.replacen(
+            "  clusterIP: ",
+            &format!("  healthCheckNodePort: {port}\n  clusterIP: "),
+            1,
+        );
+    }
+    if !ingress_ips.is_empty() {
+        y.push_str("status:\n  loadBalancer:\n    ingress:\n");
+        for ip in ingress_ips {
+            y.push_str(&format!("    - ip: {}\n", q(&ip.to_string())));
+        }
+    }
+    y
+}
+
+/// [`service_yaml`] with another `type`, the traffic policy, and a `nodePort` after each `targetPort`.
+fn exposed_service_yaml(
+    ns: &str,
+    name: &str,
+    cluster_ip: &str,
+    type_: &str,
+    policy: TrafficPolicy,
+    ports: &[(&str, u16, &str, u16, u16)],
+) -> String {
+    let plain: Vec<(&str, u16, &str, u16)> = ports
+        .iter()
+        .map(|(n, port, proto, target, _)| (*n, *port, *proto, *target))
+        .collect();
+    let mut y = service_yaml(ns, name, cluster_ip, &plain).replacen(
+        "  type: ClusterIP\n",
+        &format!(
+            "  type: {type_}\n  externalTrafficPolicy: {}\n",
+            policy.as_str()
+        ),
+        1,
+    );
+    // Port entries are unique by name, so each one's rendering is found exactly once.
+    for (port_name, port, protocol, target, node_port) in ports {
+        let entry = format!(
+            "  - name: {}\n    port: {port}\n    protocol: {}\n    targetPort: {target}\n",
+            q(port_name),
+            q(protocol)
+        );
+        y = y.replacen(&entry, &format!("{entry}    nodePort: {node_port}\n"), 1);
+    }
+    y
+}
+
 /// Joins documents into one multi-document YAML stream.
 pub fn documents(docs: &[String]) -> String {
     let mut out = String::new();
@@ -147,6 +267,99 @@ mod tests {
         assert!(
             empty.contains("endpoints: []\n") && empty.contains("ports: []\n"),
             "{empty}"
+        );
+    }
+
+    #[test]
+    fn endpointslice_with_nodes_names_each_endpoints_node() {
+        let y = endpointslice_with_nodes(
+            "default",
+            "web-1",
+            "web",
+            &[("http", 8080, "TCP")],
+            &[
+                (Ipv4Addr::new(10, 0, 0, 10), "node-0", true),
+                (Ipv4Addr::new(10, 0, 1, 10), "node-1", false),
+            ],
+        );
+        assert!(
+            y.contains(
+                "- addresses:\n  - \"10.0.0.10\"\n  nodeName: \"node-0\"\n  conditions:\n    ready: true\n"
+            ),
+            "{y}"
+        );
+        assert!(
+            y.contains(
+                "- addresses:\n  - \"10.0.1.10\"\n  nodeName: \"node-1\"\n  conditions:\n    ready: false\n"
+            ),
+            "{y}"
+        );
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_yaml::from_str(&y).expect("EndpointSlice");
+        let nodes: Vec<_> = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .map(|e| e.node_name.as_deref())
+            .collect();
+        assert_eq!(nodes, [Some("node-0"), Some("node-1")]);
+    }
+
+    #[test]
+    fn exposed_services_carry_type_policy_and_node_ports() {
+        let ports = [
+            ("tcp", 80, "TCP", 8080, 30080),
+            ("udp", 53, "UDP", 5353, 30053),
+        ];
+        let y = nodeport_service_yaml("default", "web", "10.96.0.10", TrafficPolicy::Local, &ports);
+        assert!(
+            y.contains("  type: NodePort\n  externalTrafficPolicy: Local\n"),
+            "{y}"
+        );
+        assert!(
+            y.contains("    targetPort: 8080\n    nodePort: 30080\n"),
+            "{y}"
+        );
+        assert!(
+            y.contains("    targetPort: 5353\n    nodePort: 30053\n"),
+            "{y}"
+        );
+        let lb = loadbalancer_service_yaml(
+            "default",
+            "web",
+            "10.96.0.10",
+            TrafficPolicy::Cluster,
+            &ports,
+            &[Ipv4Addr::new(198, 51, 100, 10)],
+            Some(32000),
+        );
+        assert!(
+            lb.contains("  type: LoadBalancer\n  externalTrafficPolicy: Cluster\n"),
+            "{lb}"
+        );
+        assert!(
+            lb.contains("  healthCheckNodePort: 32000\n  clusterIP: \"10.96.0.10\"\n"),
+            "{lb}"
+        );
+        assert!(
+            lb.ends_with("status:\n  loadBalancer:\n    ingress:\n    - ip: \"198.51.100.10\"\n"),
+            "{lb}"
+        );
+        // What the agent decodes: the Kubernetes types themselves.
+        let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(&lb).expect("Service");
+        let spec = svc.spec.expect("spec");
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        assert_eq!(spec.external_traffic_policy.as_deref(), Some("Cluster"));
+        assert_eq!(spec.health_check_node_port, Some(32000));
+        let node_ports: Vec<_> = spec.ports.iter().flatten().map(|p| p.node_port).collect();
+        assert_eq!(node_ports, [Some(30080), Some(30053)]);
+        let ingress = svc
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|l| l.ingress);
+        assert_eq!(
+            ingress.expect("ingress")[0].ip.as_deref(),
+            Some("198.51.100.10")
         );
     }
 
