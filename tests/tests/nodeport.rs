@@ -88,3 +88,86 @@ fn nodeports_are_released_when_the_service_is_deleted() {
         }
     }
 }
+
+#[test]
+fn external_ips_not_assigned_to_a_node_are_balanced() {
+    let lab = Lab::new().expect("lab");
+    let (backends, _client) = scenario::add_standard_pods(&lab).expect("pods");
+    let outside = lab
+        .add_external_host(
+            scenario::OUTSIDE.0,
+            scenario::OUTSIDE.1,
+            scenario::EXTERNAL_IFACE,
+            NODE_IP,
+        )
+        .expect("outside host");
+    let yaml = scenario::echo_service(
+        "echo",
+        scenario::CLUSTER_IP,
+        &scenario::ready(&backends.iter().collect::<Vec<_>>()),
+    )
+    .replacen(
+        "  type: ClusterIP\n",
+        "  type: ClusterIP\n  externalIPs: [203.0.113.5]\n",
+        1,
+    );
+    lab.write_config("echo.yaml", &yaml).expect("config");
+    let mut agent = lab
+        .start_agent(&["--external-iface", scenario::EXTERNAL_IFACE])
+        .expect("agent");
+    agent
+        .wait_healthy(scenario::HEALTHY_TIMEOUT)
+        .expect("healthy");
+    // The outside host reaches 203.0.113.5 through the node (its default route): the address is
+    // assigned nowhere, only the datapath answers it.
+    let mut tally = Tally::default();
+    for _ in 0..60 {
+        let line = outside
+            .tcp_request(
+                SocketAddr::from(([203, 0, 113, 5], scenario::TCP_PORT.0)),
+                T,
+            )
+            .expect("externalIP served");
+        tally.add(&parse_greeting(&line).expect("greeting").0);
+    }
+    assert_eq!(tally.0.len(), 3, "balanced over every backend: {tally}");
+}
+
+#[test]
+fn nodeport_listens_on_the_same_number_for_tcp_and_udp_after_a_type_change() {
+    let lab = Lab::new().expect("lab");
+    let (backends, _client, outside, _agent) = scenario::start_with_outside(&lab).expect("scene");
+    // From the NodePort scene's Service to one whose TCP and UDP ports share nodePort 31000.
+    let yaml = scenario::echo_service(
+        "echo",
+        scenario::CLUSTER_IP,
+        &scenario::ready(&backends.iter().collect::<Vec<_>>()),
+    )
+    .replacen("type: ClusterIP", "type: NodePort", 1)
+    .replacen(
+        &format!("targetPort: {}\n", scenario::TCP_PORT.1),
+        &format!(
+            "targetPort: {}\n    nodePort: 31000\n",
+            scenario::TCP_PORT.1
+        ),
+        1,
+    )
+    .replacen(
+        &format!("targetPort: {}\n", scenario::UDP_PORT.1),
+        &format!(
+            "targetPort: {}\n    nodePort: 31000\n",
+            scenario::UDP_PORT.1
+        ),
+        1,
+    );
+    lab.write_config("echo.yaml", &yaml).expect("config");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while outside.tcp_request(node_addr(31000), T).is_err() {
+        assert!(std::time::Instant::now() < deadline, "TCP 31000 not served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let reply = outside
+        .udp_request_unconnected(node_addr(31000), T)
+        .expect("UDP 31000 served");
+    assert_eq!(reply.from, node_addr(31000));
+}
