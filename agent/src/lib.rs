@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod health_check;
 pub mod http;
 pub mod kube_source;
+pub mod l7;
 pub mod links;
 pub mod maglev;
 pub mod metrics;
