@@ -19,6 +19,8 @@ use crate::{
     health_check::HealthCheckServers,
     http::{self, Endpoint},
     kube_source,
+    l7::{L7Proxy, LocalAddr, ProxyConfig, RouteTable, ServiceDirectory},
+    l7_steering,
     links::{self, LinkEvent},
     metrics::Metrics,
     model::{self, DesiredCache, NodeContext, NodeInfo, SourceUpdate},
@@ -119,7 +121,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Err(e) => bail!("{e} (--no-socket-lb to run without socket-level load balancing)"),
         }
     }
-    let metrics = Arc::new(Metrics::new(args.healthz_timeout));
+    let proxy = L7Proxy::new(ProxyConfig::default());
+    let metrics = Arc::new(Metrics::with_extra(args.healthz_timeout, |r| {
+        proxy.metrics().register(r)
+    }));
+    if args.l7_proxy_port != 0 {
+        let listener = l7_steering::transparent_listener(args.l7_proxy_port)?;
+        l7_steering::ensure_policy_routing().await?;
+        datapath.set_l7_port(args.l7_proxy_port)?;
+        let serving = proxy.clone();
+        tokio::spawn(async move {
+            serving
+                .serve(listener, LocalAddr, std::future::pending::<()>())
+                .await;
+        });
+        info!(
+            port = args.l7_proxy_port,
+            "L7 proxy for HTTPRoutes listening"
+        );
+    }
     metrics.set_stats_reader(stats);
     metrics.set_state(AgentState {
         node_name: node_name.clone(),
@@ -223,7 +243,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 if let Some(u) = &update {
                     let node = node_context(&args, &node_name, &startup_ips, u.snapshot.node.as_ref());
                     health_checks.sync(model::health_checks(&u.snapshot, &node), &metrics).await;
-                    let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache, &node);
+                    let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache, &node, &proxy);
                     last_sync = Some(tokio::time::Instant::now());
                     first_sync_done = true;
                     metrics.set_synced(first_sync_done && links_ready);
@@ -315,6 +335,35 @@ fn node_context(
     }
 }
 
+/// Frontends of Service ports with an HTTPRoute go to the L7 proxy; the proxy gets the routes and the
+/// endpoints the L4 side computed (same readiness, policies, topology).
+fn steer_routed_frontends(
+    snapshot: &model::Snapshot,
+    desired: &mut model::Desired,
+    proxy: &L7Proxy,
+) {
+    let (table, problems) = RouteTable::from_k8s(snapshot.http_routes.values());
+    for p in &problems {
+        warn!("HTTPRoute {p}");
+    }
+    let directory = ServiceDirectory::from_model(&snapshot.services, desired);
+    for addr in table.steered_frontends(&directory) {
+        let std::net::SocketAddr::V4(v4) = addr else {
+            continue;
+        };
+        let key = model::Frontend {
+            ip: *v4.ip(),
+            port: v4.port(),
+            protocol: model::Protocol::Tcp,
+        };
+        if let Some(state) = desired.frontends.get_mut(&key) {
+            state.l7 = true;
+        }
+    }
+    proxy.set_routes(table);
+    proxy.set_directory(directory);
+}
+
 /// One sync; returns whether some map operation failed (and a retry is due).
 fn sync(
     reconciler: &mut Reconciler<Maps>,
@@ -323,10 +372,12 @@ fn sync(
     caps: &Capacities,
     cache: &mut DesiredCache,
     node: &NodeContext,
+    proxy: &L7Proxy,
 ) -> bool {
     let snapshot = &update.snapshot;
     let started = Instant::now();
-    let (desired, recomputed) = cache.update(snapshot, node);
+    let (mut desired, recomputed) = cache.update(snapshot, node);
+    steer_routed_frontends(snapshot, &mut desired, proxy);
     let report = reconciler.sync(&desired);
     let elapsed = started.elapsed();
     metrics.sync_duration.observe(elapsed.as_secs_f64());

@@ -74,6 +74,11 @@ pub struct Args {
     #[arg(long)]
     pub no_socket_lb: bool,
 
+    /// Port of the L7 proxy for Services with a Gateway API HTTPRoute (pods' connections to them are
+    /// steered to it by the datapath); 0 disables it (such Services' TCP ports then drop).
+    #[arg(long, value_name = "PORT", default_value_t = 15001)]
+    pub l7_proxy_port: u16,
+
     /// Health endpoint: GET /healthz is 200 once the first full sync is programmed and pod interfaces
     /// are attached, 503 before and when a sync is overdue.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10256")]

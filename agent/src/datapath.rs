@@ -22,12 +22,12 @@ use aya::{
 };
 use tracing::{info, warn};
 use weir_common::{
-    Backend, CONFIG_NETNS_COOKIE, CtKey, CtValue, MAGLEV_TABLE_FLAGS, MAP_AFFINITY, MAP_BACKENDS,
-    MAP_CONFIG, MAP_CONNTRACK, MAP_EXT_IFACES, MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS, MemberKey, PROG_EXT_INGRESS, PROG_POD_INGRESS,
-    PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
-    SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT, ServiceCounters, ServiceKey, ServiceValue,
-    SourceRangeKey,
+    Backend, CONFIG_L7_PORT, CONFIG_NETNS_COOKIE, CtKey, CtValue, MAGLEV_TABLE_FLAGS, MAP_AFFINITY,
+    MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_EXT_IFACES, MAP_MAGLEV, MAP_MEMBERS,
+    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS, MemberKey, PROG_EXT_INGRESS,
+    PROG_POD_INGRESS, PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4,
+    PROG_SOCK_SENDMSG4, SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT, ServiceCounters, ServiceKey,
+    ServiceValue, SourceRangeKey,
 };
 
 use crate::reconcile::{Adopted, MapError, MapWriter};
@@ -342,6 +342,28 @@ impl Datapath {
         }
         info!(cgroup = %cgroup_root.display(), cookie, "socket-level load balancing for host processes");
         Ok(())
+    }
+
+    /// Tells the datapath which port the L7 proxy listens on (0: none).
+    pub fn set_l7_port(&mut self, port: u16) -> Result<(), DatapathError> {
+        let mut config: Array<&mut MapData, u64> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_CONFIG)
+                .ok_or(DatapathError::Missing {
+                    what: "map",
+                    name: MAP_CONFIG,
+                })?,
+        )
+        .map_err(|source| DatapathError::Map {
+            name: MAP_CONFIG,
+            source,
+        })?;
+        config
+            .set(CONFIG_L7_PORT, u64::from(port), 0)
+            .map_err(|source| DatapathError::Map {
+                name: MAP_CONFIG,
+                source,
+            })
     }
 
     /// Records this node's IPv4 address on an external interface, which outside traffic to a backend on

@@ -280,7 +280,11 @@ pub async fn run(
             services: validated.services.clone(),
             slices: validated.slices.clone(),
             node: nodes.state().first().map(|n| node_info(n)),
-            http_routes: routes.state().len(),
+            http_routes: routes
+                .state()
+                .iter()
+                .map(|r| (id_of(r.as_ref()), (**r).clone()))
+                .collect(),
         };
         if last.as_ref() == Some(&snapshot) {
             continue;
@@ -288,7 +292,7 @@ pub async fn run(
         info!(
             services = snapshot.services.len(),
             endpoint_slices = snapshot.slices.len(),
-            http_routes = snapshot.http_routes,
+            http_routes = snapshot.http_routes.len(),
             "kubernetes state changed"
         );
         last = Some(snapshot.clone());

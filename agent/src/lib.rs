@@ -8,6 +8,7 @@ pub mod health_check;
 pub mod http;
 pub mod kube_source;
 pub mod l7;
+pub mod l7_steering;
 pub mod links;
 pub mod maglev;
 pub mod metrics;

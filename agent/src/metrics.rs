@@ -61,7 +61,13 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(healthz_timeout: Duration) -> Self {
+        Self::with_extra(healthz_timeout, |_| {})
+    }
+
+    /// Also registers what `extra` adds (the L7 proxy's metrics).
+    pub fn with_extra(healthz_timeout: Duration, extra: impl FnOnce(&mut Registry)) -> Self {
         let mut registry = Registry::with_prefix("weir");
+        extra(&mut registry);
         let sync_duration = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         ]);

@@ -132,17 +132,19 @@ pub struct FrontendState {
     pub affinity_timeout_s: u32,
     /// Client prefixes allowed on this frontend; empty means everyone.
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// An HTTPRoute is attached: pods' TCP connections go to the L7 proxy.
+    pub l7: bool,
 }
 
 /// Everything a source currently holds, keyed by namespace/name; sources publish it whole.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub services: BTreeMap<NsName, ServiceSpec>,
     pub slices: BTreeMap<NsName, SliceSpec>,
     /// The agent's own Node, when the source knows it (Kubernetes mode).
     pub node: Option<NodeInfo>,
-    /// HTTPRoutes seen (served by the L7 proxy once it exists; counted for now).
-    pub http_routes: usize,
+    /// Gateway API HTTPRoutes, by namespace/name (validated by the L7 route table).
+    pub http_routes: BTreeMap<NsName, gateway_api::apis::standard::httproutes::HttpRoute>,
 }
 
 /// A source's latest snapshot and when the change that produced it was first seen, for the network
@@ -612,6 +614,7 @@ fn service_frontends(
                     drop_when_empty: false,
                     affinity_timeout_s: 0,
                     source_ranges: Vec::new(),
+                    l7: false,
                 },
             ));
         }
@@ -659,6 +662,7 @@ fn service_frontends(
             drop_when_empty: local,
             affinity_timeout_s: svc.affinity_timeout.unwrap_or(0),
             source_ranges: Vec::new(),
+            l7: false,
         };
         for ip in &svc.cluster_ips {
             let f = Frontend {

@@ -8,7 +8,8 @@ use std::net::Ipv4Addr;
 use tracing::{error, warn};
 
 use weir_common::{
-    Backend, SVC_FLAG_DROP, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, ServiceKey, ServiceValue,
+    Backend, SVC_FLAG_DROP, SVC_FLAG_L7, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, ServiceKey,
+    ServiceValue,
 };
 
 use crate::{
@@ -72,6 +73,7 @@ impl Programmed {
             && (!state.backends.is_empty() || self.drop_when_empty == state.drop_when_empty)
             && self.value.affinity_timeout_s == state.affinity_timeout_s
             && self.source_ranges == state.source_ranges
+            && (self.value.flags & SVC_FLAG_L7 != 0) == state.l7
     }
 }
 
@@ -424,6 +426,9 @@ impl<W: MapWriter> Reconciler<W> {
         }
         if !state.source_ranges.is_empty() {
             value.flags |= SVC_FLAG_SOURCE_RANGES;
+        }
+        if state.l7 {
+            value.flags |= SVC_FLAG_L7;
         }
         if let Err(e) = self.writer.put_service(key, value) {
             self.drop_table(value);

@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
@@ -57,13 +58,15 @@ pub enum ConfigError {
 enum ObjectKey {
     Service(NsName),
     Slice(NsName),
+    Route(NsName),
 }
 
 /// A valid object; `None` inside means valid but not ours to program (headless, another proxy's, …).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 enum Object {
     Service(Option<ServiceSpec>),
     Slice(Option<SliceSpec>),
+    Route(Box<HttpRoute>),
 }
 
 type FileObjects = BTreeMap<ObjectKey, Object>;
@@ -165,6 +168,10 @@ impl ConfigDir {
                         }
                         dup
                     }
+                    (ObjectKey::Route(id), Object::Route(route)) => snapshot
+                        .http_routes
+                        .insert(id.clone(), (**route).clone())
+                        .is_some(),
                     _ => false,
                 };
                 if duplicate {
@@ -263,6 +270,10 @@ fn load_file(
                 decode::<EndpointSlice>(value)
                     .and_then(|s| SliceSpec::from_k8s(&s).map(Object::Slice)),
             ),
+            (Some("gateway.networking.k8s.io/v1"), Some("HTTPRoute")) => (
+                ObjectKey::Route(id.clone()),
+                crate::l7::route::http_route_from_value(value).map(|r| Object::Route(Box::new(r))),
+            ),
             (api, kind) => {
                 debug!(file = %path.display(), doc = i, ?api, ?kind, "ignoring object of a kind this agent does not use");
                 continue;
@@ -271,6 +282,7 @@ fn load_file(
         let kind = match key {
             ObjectKey::Service(_) => "Service",
             ObjectKey::Slice(_) => "EndpointSlice",
+            ObjectKey::Route(_) => "HTTPRoute",
         };
         match parsed {
             Ok(object) => {

@@ -45,6 +45,8 @@ pub const MAP_SOCK_REVNAT: &str = "WEIR_SOCK_REVNAT";
 /// the socket hooks serve (cgroup hooks see every namespace; only the agent's node is ours).
 pub const MAP_CONFIG: &str = "WEIR_CONFIG";
 pub const CONFIG_NETNS_COOKIE: u32 = 0;
+/// `WEIR_CONFIG` index: the TCP port the agent's L7 proxy listens on (0: no proxy).
+pub const CONFIG_L7_PORT: u32 = 1;
 pub const CONFIG_SLOTS: u32 = 8;
 
 /// A socket and the backend it was sent to.
@@ -95,6 +97,14 @@ pub const SVC_FLAG_DROP: u32 = 2;
 /// `ServiceValue::flags`: new flows are admitted only from the prefixes in `MAP_SOURCE_RANGES` for this
 /// frontend (a LoadBalancer IP with `loadBalancerSourceRanges`).
 pub const SVC_FLAG_SOURCE_RANGES: u32 = 4;
+/// `ServiceValue::flags`: an HTTPRoute is attached: TCP connections from pods go to the agent's L7 proxy
+/// (socket assignment, the original destination kept) instead of a backend.
+pub const SVC_FLAG_L7: u32 = 8;
+/// Packet mark the datapath sets on connections it hands to the L7 proxy; the agent routes marked
+/// packets to the local host (`ip rule fwmark` → a table with a `local 0.0.0.0/0` route), as TPROXY does.
+pub const L7_MARK: u32 = 0x0057_4500;
+/// The policy routing table holding that local route.
+pub const L7_ROUTE_TABLE: u32 = 0x5745;
 
 /// `CtValue::kind`: the entry rewrites the destination (client → frontend becomes client → backend).
 pub const CT_FORWARD: u8 = 1;
@@ -122,7 +132,9 @@ pub const STAT_ICMP_TRANSLATED: u32 = 12;
 pub const STAT_SNAT_NEW: u32 = 13;
 pub const STAT_DROP_SNAT_EXHAUSTED: u32 = 14;
 pub const STAT_DROP_FRAGMENT: u32 = 15;
-pub const STAT_COUNT: u32 = 16;
+pub const STAT_L7_STEERED: u32 = 16;
+pub const STAT_DROP_L7_NO_PROXY: u32 = 17;
+pub const STAT_COUNT: u32 = 18;
 /// Size of `MAP_STATS`: room for counters added later, so a pinned map survives an upgrade that adds one.
 pub const STAT_SLOTS: u32 = 64;
 
@@ -144,6 +156,8 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "snat_new",
     "drop_snat_exhausted",
     "drop_fragment",
+    "l7_steered",
+    "drop_l7_no_proxy",
 ];
 
 /// A frontend: the address a client connects to.

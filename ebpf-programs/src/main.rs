@@ -8,6 +8,7 @@ mod csum;
 mod fib;
 mod flow;
 mod icmp;
+mod l7;
 mod maps;
 mod nat;
 mod packet;
@@ -23,12 +24,12 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use weir_common::{
-    CT_FORWARD, CT_REVERSE, CtKey, CtValue, HAIRPIN_ADDR, SOURCE_RANGE_FRONTEND_BITS,
+    CT_FORWARD, CT_REVERSE, CtKey, CtValue, HAIRPIN_ADDR, PROTO_TCP, SOURCE_RANGE_FRONTEND_BITS,
     STAT_DROP_FRAGMENT, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT,
     STAT_DROP_REWRITE_FAILED, STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_SOURCE_RANGE,
     STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE, STAT_PASS_UNPARSED,
-    STAT_REVERSE_NAT, STAT_SNAT_NEW, SVC_FLAG_DROP, SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES,
-    ServiceKey, SourceRangeKey,
+    STAT_REVERSE_NAT, STAT_SNAT_NEW, SVC_FLAG_DROP, SVC_FLAG_L7, SVC_FLAG_REJECT,
+    SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
 };
 
 use crate::{
@@ -197,6 +198,10 @@ fn new_flow(ctx: &TcContext, flow: &Flow, ct_key: &CtKey, outside: bool) -> Resu
     // SAFETY: pointer from a successful lookup; ServiceValue is plain data and the agent replaces
     // entries whole (one update per frontend), so the copy is a consistent value.
     let svc = unsafe { *svc };
+    // HTTPRoute: pods' TCP connections go to the L7 proxy, which balances per request.
+    if svc.flags & SVC_FLAG_L7 != 0 && flow.proto == PROTO_TCP && !outside {
+        return Ok(NewFlow::Done(l7::steer(ctx, flow)));
+    }
     if svc.flags & SVC_FLAG_DROP != 0 {
         count(STAT_DROP_NO_LOCAL_ENDPOINT);
         return Ok(NewFlow::Done(TC_ACT_SHOT));

@@ -178,6 +178,7 @@ mod tests {
                 drop_when_empty: false,
                 affinity_timeout_s: 0,
                 source_ranges: vec![],
+                l7: false,
             },
         );
         let services = BTreeMap::from([(ns("web"), spec)]);

@@ -107,6 +107,7 @@ fn desired(entries: &[(Frontend, &[u8])]) -> Desired {
                 drop_when_empty: false,
                 affinity_timeout_s: 0,
                 source_ranges: Vec::new(),
+                l7: false,
                 backends: backends
                     .iter()
                     .map(|b| BackendAddr {
