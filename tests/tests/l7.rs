@@ -79,3 +79,91 @@ fn an_httproute_splits_requests_to_a_cluster_ip_by_weight() {
         .expect("v1 directly");
     assert_eq!(parse_greeting(&direct.body).expect("reply").0, a.name());
 }
+
+/// One HTTP/1.1 keep-alive connection: send `n` requests on it, one after another, and return who
+/// answered each (the proxy decides per request, so one connection still splits).
+fn keep_alive_tally(stream: std::net::TcpStream, n: usize) -> Tally {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    let mut tally = Tally::default();
+    for i in 0..n {
+        writer
+            .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+            .expect("send request");
+        let mut content_length = None;
+        let mut chunked = false;
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("status line");
+        assert!(line.starts_with("HTTP/1.1 200"), "request {i}: {line:?}");
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("header");
+            let l = line.trim_end().to_ascii_lowercase();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.strip_prefix("content-length:") {
+                content_length = v.trim().parse::<usize>().ok();
+            }
+            if l.starts_with("transfer-encoding:") && l.contains("chunked") {
+                chunked = true;
+            }
+        }
+        let body = if let Some(len) = content_length {
+            let mut b = vec![0u8; len];
+            reader.read_exact(&mut b).expect("body");
+            b
+        } else {
+            assert!(chunked, "request {i}: neither length nor chunked");
+            let mut b = Vec::new();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).expect("chunk size");
+                let size = usize::from_str_radix(line.trim(), 16).expect("hex size");
+                let mut chunk = vec![0u8; size + 2];
+                reader.read_exact(&mut chunk).expect("chunk");
+                if size == 0 {
+                    break;
+                }
+                b.extend_from_slice(&chunk[..size]);
+            }
+            b
+        };
+        let text = String::from_utf8_lossy(&body).to_string();
+        tally.add(&parse_greeting(&text).expect("backend reply").0);
+    }
+    tally
+}
+
+#[test]
+fn one_keep_alive_connection_is_split_per_request() {
+    let lab = Lab::new().expect("lab");
+    let (backends, client) = scenario::add_standard_pods(&lab).expect("pods");
+    let (a, b, c) = (&backends[0], &backends[1], &backends[2]);
+    lab.write_config("web.yaml", &http_service("web", "10.96.0.50", c.ip()))
+        .expect("web");
+    lab.write_config("v1.yaml", &http_service("v1", "10.96.0.51", a.ip()))
+        .expect("v1");
+    lab.write_config("v2.yaml", &http_service("v2", "10.96.0.52", b.ip()))
+        .expect("v2");
+    lab.write_config("route.yaml", ROUTE).expect("route");
+    let mut agent = lab.start_agent(&[]).expect("agent");
+    agent
+        .wait_healthy(scenario::HEALTHY_TIMEOUT)
+        .expect("healthy");
+
+    let tally = client
+        .run(|| {
+            let s = std::net::TcpStream::connect_timeout(&SocketAddr::from((WEB, 80)), T)
+                .expect("connect");
+            s.set_read_timeout(Some(T)).expect("timeout");
+            assert_eq!(s.peer_addr().expect("peer"), SocketAddr::from((WEB, 80)));
+            keep_alive_tally(s, 500)
+        })
+        .expect("enter client netns");
+    println!("500 requests on one keep-alive connection: {tally}");
+    assert_eq!(tally.get(c.name()), 0, "{tally}");
+    let share = tally.percent(a.name());
+    assert!((share - 70.0).abs() <= 5.0, "v1 got {share:.1} %: {tally}");
+}
