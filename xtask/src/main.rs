@@ -36,6 +36,9 @@ enum Command {
     Demo,
     /// Build the eBPF programs alone with the nightly toolchain (bpfel-unknown-none).
     BuildEbpf,
+    /// Run setup, build the agent, then benchmark Weir against kube-proxy's iptables and nftables
+    /// modes; writes bench-results/REPORT.md; needs root.
+    Bench(xtask::bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Demo => demo_command(),
         Command::BuildEbpf => build_ebpf::run(),
+        Command::Bench(args) => bench_command(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -59,4 +63,12 @@ fn demo_command() -> anyhow::Result<()> {
     setup::run()?;
     cmd::build_agent()?;
     demo::run()
+}
+
+fn bench_command(args: &xtask::bench::Args) -> anyhow::Result<()> {
+    if !args.render_only {
+        setup::run()?;
+        cmd::build_agent()?;
+    }
+    xtask::bench::command(args)
 }

@@ -1,0 +1,131 @@
+//! Maglev table builds with the agent's own `maglev::build` and `table_size`, and what a table costs in
+//! kernel memory (one `BPF_F_INNER_MAP | BPF_F_MMAPABLE` array of u32 backend ids per frontend).
+
+use std::os::fd::AsFd as _;
+use std::time::Instant;
+
+use aya::maps::{Array, IterableMap as _, MapData};
+use serde::{Deserialize, Serialize};
+use weir_agent::maglev;
+use weir_common::{DEFAULT_BACKENDS_MAX, MAGLEV_TABLE_FLAGS};
+
+use super::stats::Spread;
+use super::{Progress, sys};
+
+/// The classic Maglev table size (the paper's example, and the target's).
+pub const PAPER_SIZE: u32 = 65_537;
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub backends: Vec<usize>,
+    pub reps: usize,
+    /// Also build at the largest size the code produces (`table_size(--max-backends default)`).
+    pub largest: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MaglevResults {
+    pub slots_per_backend: u64,
+    pub largest_size: u32,
+    pub builds: Vec<Build>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Build {
+    pub backends: usize,
+    /// `default` (what the agent uses: `table_size(backends)`), `paper` (65,537) or `largest`.
+    pub size_kind: String,
+    pub slots: u32,
+    pub build_ms: Option<Spread>,
+    /// Kernel memory of one table of this size: measured `memlock` of a real table map when it was
+    /// created, else slots × 8 (array elements are 8-byte aligned).
+    pub table_bytes: u64,
+    pub table_bytes_measured: bool,
+    /// Every backend owns ⌊M/N⌋ or ⌈M/N⌉ slots.
+    pub balanced: bool,
+}
+
+fn members(n: usize) -> Vec<(Vec<u8>, u32)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!(
+                    "10.{}.{}.{}:8080/TCP",
+                    100 + i / 65_536,
+                    (i / 256) % 256,
+                    i % 256
+                )
+                .into_bytes(),
+                i as u32 + 1,
+            )
+        })
+        .collect()
+}
+
+/// memlock of a real Maglev table map of `slots` slots.
+fn table_memlock(slots: u32) -> anyhow::Result<u64> {
+    let table = Array::<MapData, u32>::create(slots, MAGLEV_TABLE_FLAGS)?;
+    Ok(sys::own_map_mem(table.map().fd().as_fd())?.memlock)
+}
+
+pub fn run(plan: &Plan, progress: &Progress) -> anyhow::Result<MaglevResults> {
+    let largest = maglev::table_size(DEFAULT_BACKENDS_MAX as usize);
+    let mut results = MaglevResults {
+        slots_per_backend: maglev::SLOTS_PER_BACKEND,
+        largest_size: largest,
+        builds: Vec::new(),
+    };
+    for &n in &plan.backends {
+        let m = members(n);
+        let mut sizes = vec![("default", maglev::table_size(n)), ("paper", PAPER_SIZE)];
+        if plan.largest {
+            sizes.push(("largest", largest));
+        }
+        for (kind, slots) in sizes {
+            // The largest tables take seconds each: fewer repetitions.
+            let reps = if kind == "largest" {
+                plan.reps.min(2)
+            } else {
+                plan.reps
+            };
+            let mut times = Vec::new();
+            let mut balanced = true;
+            for _ in 0..reps.max(1) {
+                let t = Instant::now();
+                let table = maglev::build(&m, slots);
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                let mut counts = vec![0u32; n + 1];
+                for id in &table {
+                    counts[*id as usize] += 1;
+                }
+                let (lo, hi) = (slots / n as u32, slots.div_ceil(n as u32));
+                balanced &= table.len() == slots as usize
+                    && counts[1..].iter().all(|c| *c == lo || *c == hi);
+            }
+            let (table_bytes, measured) = if kind == "largest" {
+                (u64::from(slots) * 8, false)
+            } else {
+                match table_memlock(slots) {
+                    Ok(b) => (b, true),
+                    Err(_) => (u64::from(slots) * 8, false),
+                }
+            };
+            let build = Build {
+                backends: n,
+                size_kind: kind.to_owned(),
+                slots,
+                build_ms: Spread::of(&times),
+                table_bytes,
+                table_bytes_measured: measured,
+                balanced,
+            };
+            progress.note(&format!(
+                "Maglev {n} backends, {kind} size {slots}: {} ms, {:.1} KB",
+                build.build_ms.map_or("-".into(), |s| s.fmt(2)),
+                table_bytes as f64 / 1024.0
+            ));
+            results.builds.push(build);
+        }
+    }
+    Ok(results)
+}

@@ -1,0 +1,250 @@
+//! The end-to-end load: a backend server (one poll loop per pod, no thread per connection, so the
+//! server's own cost stays small next to the datapath's) answering each request line with the endpoint
+//! address the client reached, and clients for connection rate, request latency and endpoint probes.
+
+use std::io::{self, Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use weir_tests::Pod;
+
+/// Servers on a set of pods, stopped and joined on drop.
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    /// Listens on `0.0.0.0:port` in every pod (so on all its addresses).
+    pub fn start(pods: &[Pod], port: u16) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for pod in pods {
+            let listener = pod
+                .run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
+                .and_then(|r| r)
+                .with_context(|| format!("listen on {}:{port}", pod.name()))?;
+            listener.set_nonblocking(true)?;
+            let (name, stop) = (pod.name().to_owned(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("bench-{name}"))
+                    .spawn(move || serve(&listener, &name, &stop))?,
+            );
+        }
+        Ok(Self { stop, threads })
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    pending: Vec<u8>,
+    reply: Vec<u8>,
+}
+
+fn serve(listener: &TcpListener, name: &str, stop: &AtomicBool) {
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) {
+        let ready: Vec<bool> = {
+            let mut fds = Vec::with_capacity(conns.len() + 1);
+            fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
+            fds.extend(
+                conns
+                    .iter()
+                    .map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)),
+            );
+            match poll(&mut fds, PollTimeout::from(50u16)) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("bench server {name}: poll: {e}");
+                    return;
+                }
+            }
+            fds.iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect()
+        };
+        let mut closed = Vec::new();
+        for (i, c) in conns.iter_mut().enumerate() {
+            if !ready[i + 1] {
+                continue;
+            }
+            match c.stream.read(&mut buf) {
+                Ok(0) => closed.push(i),
+                Ok(n) => {
+                    c.pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = c.pending.iter().position(|&b| b == b'\n') {
+                        c.pending.drain(..=end);
+                        if c.stream.write_all(&c.reply).is_err() {
+                            closed.push(i);
+                            break;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => closed.push(i),
+            }
+        }
+        closed.dedup();
+        for i in closed.into_iter().rev() {
+            conns.swap_remove(i);
+        }
+        if ready[0] {
+            loop {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let local = stream
+                            .local_addr()
+                            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+                        if stream.set_nonblocking(true).is_ok() {
+                            let _ = stream.set_nodelay(true);
+                            conns.push(Conn {
+                                stream,
+                                pending: Vec::new(),
+                                reply: format!("{name} {local}\n").into_bytes(),
+                            });
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// Closes with a RST (SO_LINGER 0): no TIME_WAIT, so a client can open connections at full speed
+/// without running out of ports.
+fn set_linger_zero(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a valid socket fd with a correctly sized `linger` value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Sends one request line and reads the one-line reply; returns the endpoint address in it.
+fn exchange(stream: &mut TcpStream) -> io::Result<Ipv4Addr> {
+    stream.write_all(b"x\n")?;
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    while !buf[..len].contains(&b'\n') {
+        if len == buf.len() {
+            return Err(io::Error::other("reply too long"));
+        }
+        match stream.read(&mut buf[len..])? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => len += n,
+        }
+    }
+    let line = std::str::from_utf8(&buf[..len]).map_err(io::Error::other)?;
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|ip| ip.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad reply {line:?}")))
+}
+
+/// Connect, one request, close (RST). Returns the endpoint that answered.
+pub fn connect_once(target: SocketAddr, timeout: Duration) -> io::Result<Ipv4Addr> {
+    let mut stream = TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let ep = exchange(&mut stream);
+    set_linger_zero(&stream);
+    ep
+}
+
+/// One connection-rate round.
+#[derive(Clone, Debug, Default)]
+pub struct ConnRound {
+    pub ok: usize,
+    pub failed: usize,
+    pub elapsed: Duration,
+    /// Microseconds per successful connection (connect + request + reply + close), sorted.
+    pub each_us: Vec<f64>,
+    pub first_error: Option<String>,
+}
+
+impl ConnRound {
+    pub fn per_second(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// New connections (connect, one request, close) to `targets` in turn for `duration`, one at a time.
+pub fn connection_rate(targets: &[SocketAddr], duration: Duration) -> ConnRound {
+    let mut round = ConnRound::default();
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < duration {
+        let t = Instant::now();
+        match connect_once(targets[i % targets.len()], Duration::from_secs(1)) {
+            Ok(_) => {
+                round.ok += 1;
+                round.each_us.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            Err(e) => {
+                round.failed += 1;
+                round.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+        i += 1;
+    }
+    round.elapsed = started.elapsed();
+    round.each_us.sort_by(f64::total_cmp);
+    round
+}
+
+/// Request round trips on persistent connections (one per target, used in turn); sorted microseconds.
+pub fn request_latency(targets: &[SocketAddr], requests: usize) -> io::Result<Vec<f64>> {
+    let mut conns = Vec::new();
+    for t in targets {
+        let s = TcpStream::connect_timeout(t, Duration::from_secs(1))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        conns.push(s);
+    }
+    // One exchange each first: the connections' first request is not part of the steady state.
+    for c in &mut conns {
+        exchange(c)?;
+    }
+    let mut samples = Vec::with_capacity(requests);
+    for r in 0..requests {
+        let c = &mut conns[r % targets.len()];
+        let t = Instant::now();
+        exchange(c)?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    for c in &conns {
+        set_linger_zero(c);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples)
+}

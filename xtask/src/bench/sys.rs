@@ -1,0 +1,316 @@
+//! The few bpf(2) calls the bench makes itself: loading a two-instruction empty classifier (the baseline
+//! every per-packet figure is measured against), `BPF_PROG_TEST_RUN` on any program fd (the same code
+//! path for Weir's program and the empty one), walking a hash-of-maps to reach its inner maps, and the
+//! kernel's memory accounting (`memlock` in fdinfo).
+
+use std::ffi::c_void;
+use std::io;
+use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+/// `bpf(cmd, attr, sizeof(attr))`; the kernel zero-extends an attr shorter than its own.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, exclusively borrowed repr(C) struct laid out as the kernel's union member
+    // for `cmd`; the kernel reads and writes at most `size_of::<T>()` bytes of it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr).cast::<c_void>(),
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// Loads `r0 = 0; exit` as a TC classifier (`TC_ACT_OK` for every packet): the cost of running *a*
+/// program through BPF_PROG_TEST_RUN, which every Weir figure is reported above. No compiler involved.
+pub fn load_empty_classifier() -> io::Result<OwnedFd> {
+    // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0; then BPF_JMP | BPF_EXIT.
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = b"GPL\0";
+    let mut name = [0u8; 16];
+    name[..11].copy_from_slice(b"bench_empty");
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        prog_name: name,
+        ..ProgLoadAttr::default()
+    };
+    let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+    // SAFETY: BPF_PROG_LOAD returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// What one `BPF_PROG_TEST_RUN` reported.
+#[derive(Clone, Copy, Debug)]
+pub struct TestRun {
+    /// The program's return code (TC: `TC_ACT_OK` is 0, `TC_ACT_SHOT` 2).
+    pub retval: u32,
+    /// Mean nanoseconds per run as the kernel measured it (integer; one run includes the timer's own
+    /// overhead, which the empty program's figure carries too).
+    pub duration_ns: u32,
+}
+
+/// Runs the program `repeat` times over one skb built from `data` (Ethernet frame). With `repeat` > 1
+/// every run after the first sees what the previous one left in the buffer.
+pub fn test_run(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    out: Option<&mut [u8]>,
+    repeat: u32,
+) -> io::Result<TestRun> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_in: data.as_ptr() as u64,
+        repeat,
+        ..TestRunAttr::default()
+    };
+    if let Some(out) = out {
+        attr.data_out = out.as_mut_ptr() as u64;
+        attr.data_size_out = out.len() as u32;
+    }
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(TestRun {
+        retval: attr.retval,
+        duration_ns: attr.duration,
+    })
+}
+
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// The inner map ids of a hash-of-maps with u32 keys (a userspace lookup returns the id).
+pub fn inner_map_ids(outer: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let keys = u32_keys(outer)?;
+    let mut ids = Vec::with_capacity(keys.len());
+    for key in keys {
+        let mut id = 0u32;
+        let mut attr = MapElemAttr {
+            map_fd: outer.as_raw_fd() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(&key) as u64,
+            value: std::ptr::from_mut(&mut id) as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(_) => ids.push(id),
+            // Deleted between the key walk and the lookup.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(ids)
+}
+
+/// Every key of a map whose keys are `K` (plain data), by `BPF_MAP_GET_NEXT_KEY`.
+fn keys<K: Copy>(map: BorrowedFd<'_>, zero: K) -> io::Result<Vec<K>> {
+    let mut out = Vec::new();
+    let mut prev: Option<K> = None;
+    loop {
+        let mut next = zero;
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: prev.as_ref().map_or(0, |k| std::ptr::from_ref(k) as u64),
+            value: std::ptr::from_mut(&mut next) as u64,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {
+                out.push(next);
+                prev = Some(next);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn u32_keys(map: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    keys(map, 0u32)
+}
+
+/// Deletes every entry of a hash map whose keys are `key_size` bytes (≤ 64); returns how many.
+pub fn clear_map(map: BorrowedFd<'_>, key_size: usize) -> io::Result<usize> {
+    assert!(key_size <= 64, "key of {key_size} bytes");
+    let all = keys(map, [0u8; 64])?;
+    for key in &all {
+        let mut attr = MapElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            _pad: 0,
+            key: key.as_ptr() as u64,
+            value: 0,
+            flags: 0,
+        };
+        match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(all.len())
+}
+
+#[repr(C)]
+struct GetFdByIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// A new fd for the map with kernel id `id`.
+pub fn map_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = GetFdByIdAttr {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: BPF_MAP_GET_FD_BY_ID returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// One bpf map seen through an fd: its id and the kernel's `memlock` accounting (bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapMem {
+    pub id: u32,
+    pub memlock: u64,
+}
+
+/// Parses a bpf map's fdinfo text; `None` for fds that are not maps.
+pub fn parse_map_fdinfo(text: &str) -> Option<MapMem> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    text.lines()
+        .any(|l| l.starts_with("map_type:"))
+        .then_some(())?;
+    Some(MapMem {
+        id: u32::try_from(field("map_id:")?).ok()?,
+        memlock: field("memlock:")?,
+    })
+}
+
+/// `memlock` of one of our own map fds.
+pub fn own_map_mem(fd: BorrowedFd<'_>) -> io::Result<MapMem> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    parse_map_fdinfo(&text).ok_or_else(|| io::Error::other("fd is not a bpf map"))
+}
+
+/// Every bpf map another process holds an fd of (deduplicated by id).
+pub fn process_maps(pid: u32) -> io::Result<Vec<MapMem>> {
+    let mut maps: Vec<MapMem> = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        if let Some(m) = parse_map_fdinfo(&text)
+            && !maps.iter().any(|x| x.id == m.id)
+        {
+            maps.push(m);
+        }
+    }
+    Ok(maps)
+}
+
+/// Sum of `memlock` over the inner maps of a hash-of-maps, and how many there are.
+pub fn inner_maps_memlock(outer: BorrowedFd<'_>) -> io::Result<(u64, usize)> {
+    let ids = inner_map_ids(outer)?;
+    let mut total = 0;
+    let mut count = 0;
+    for id in ids {
+        match map_fd_by_id(id) {
+            Ok(fd) => {
+                total += own_map_mem(std::os::fd::AsFd::as_fd(&fd))?.memlock;
+                count += 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((total, count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_map_fdinfo() {
+        let text = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nmap_type:\t1\nkey_size:\t8\n\
+                    value_size:\t16\nmax_entries:\t65536\nmap_flags:\t0x0\nmap_extra:\t0x0\n\
+                    memlock:\t5767232\nmap_id:\t42\nfrozen:\t0\n";
+        assert_eq!(
+            parse_map_fdinfo(text),
+            Some(MapMem {
+                id: 42,
+                memlock: 5_767_232
+            })
+        );
+        assert_eq!(parse_map_fdinfo("pos:\t0\nflags:\t02\n"), None);
+    }
+}
