@@ -311,9 +311,9 @@ fn agent_args(n: usize, endpoints: usize) -> Vec<String> {
             .to_string()
     };
     vec![
-        // Every ClusterIP also has a port-0 entry (undefined ports are refused).
+        // Every ClusterIP also has "any other port" entries (one per protocol) refusing undefined ports.
         "--max-services".to_owned(),
-        cap(2 * n + 1),
+        cap(4 * n + 1),
         "--max-backends".to_owned(),
         cap(n * endpoints + 64),
     ]
@@ -465,6 +465,11 @@ fn check_serving(site: &Site, topo: &Topology) -> anyhow::Result<()> {
     })?
 }
 
+/// How the iptables mode's rules are loaded.
+pub fn iptables_backend() -> String {
+    IptBackend::Legacy.label().to_owned()
+}
+
 /// Runs the end-to-end and control-plane experiments.
 pub fn run(plan: &Plan, progress: &Progress) -> anyhow::Result<E2eResults> {
     let mut results = E2eResults {
@@ -473,7 +478,7 @@ pub fn run(plan: &Plan, progress: &Progress) -> anyhow::Result<E2eResults> {
         reps: plan.reps,
         conn_seconds: plan.conn_time.as_secs_f64(),
         requests_per_round: plan.requests,
-        iptables_backend: IptBackend::Legacy.label().to_owned(),
+        iptables_backend: iptables_backend(),
         ..E2eResults::default()
     };
     for &n in &plan.ns {
@@ -793,6 +798,7 @@ fn slice_changes(
     let lab = &site.lab;
     let (mut serve_ms, failures) =
         site.client.run(|| -> anyhow::Result<(Vec<f64>, usize)> {
+            net::pin();
             let mut serve_ms = Vec::new();
             let mut failures = 0;
             for c in 0..changes {

@@ -14,6 +14,26 @@ use anyhow::Context as _;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use weir_tests::Pod;
 
+/// The CPU every load thread (client and servers) runs on: one CPU, so a round measures the CPU work
+/// of a connection or a request (both ends and the datapath between them, whose softirq work runs on
+/// the sending CPU with veths) rather than how the scheduler happened to spread the threads. The last
+/// CPU, to keep away from whatever favours CPU 0.
+pub fn load_cpu() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from) - 1
+}
+
+/// Pins the calling thread to [`load_cpu`].
+pub fn pin() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it; sched_setaffinity
+    // reads `size_of::<cpu_set_t>()` bytes of it. Failure leaves the thread unpinned, which only adds
+    // noise.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(load_cpu(), &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// Servers on a set of pods, stopped and joined on drop.
 pub struct Servers {
     stop: Arc<AtomicBool>,
@@ -58,6 +78,7 @@ struct Conn {
 }
 
 fn serve(listener: &TcpListener, name: &str, stop: &AtomicBool) {
+    pin();
     let mut conns: Vec<Conn> = Vec::new();
     let mut buf = [0u8; 4096];
     while !stop.load(Ordering::Relaxed) {
@@ -200,6 +221,7 @@ impl ConnRound {
 
 /// New connections (connect, one request, close) to `targets` in turn for `duration`, one at a time.
 pub fn connection_rate(targets: &[SocketAddr], duration: Duration) -> ConnRound {
+    pin();
     let mut round = ConnRound::default();
     let started = Instant::now();
     let mut i = 0;
@@ -224,6 +246,7 @@ pub fn connection_rate(targets: &[SocketAddr], duration: Duration) -> ConnRound 
 
 /// Request round trips on persistent connections (one per target, used in turn); sorted microseconds.
 pub fn request_latency(targets: &[SocketAddr], requests: usize) -> io::Result<Vec<f64>> {
+    pin();
     let mut conns = Vec::new();
     for t in targets {
         let s = TcpStream::connect_timeout(t, Duration::from_secs(1))?;

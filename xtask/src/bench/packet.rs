@@ -193,8 +193,9 @@ impl Rig {
         max_services: usize,
         max_backends: usize,
     ) -> anyhow::Result<Self> {
-        // Every ClusterIP also gets a port-0 entry (undefined ports are refused).
-        let services = capacity(2 * max_services);
+        // Every ClusterIP also gets "any other port" entries (one per protocol) that refuse undefined
+        // ports: room for four entries a service.
+        let services = capacity(4 * max_services);
         let caps = Capacities {
             services,
             backends: capacity(max_backends),

@@ -113,7 +113,11 @@ fn judge_max(
 ) -> Target {
     let (measured, met, margin) = match value {
         Some(v) if v.is_finite() => (
-            format!("{} {unit}", num(v)),
+            if unit == "×" {
+                format!("{}×", num(v))
+            } else {
+                format!("{} {unit}", num(v))
+            },
             Some(v <= limit),
             if v <= limit {
                 format!("{:.0} % under", (1.0 - v / limit) * 100.0)
@@ -220,11 +224,15 @@ pub fn targets(r: &Results) -> Vec<Target> {
         60.0,
         "ns",
         &ct.map_or(String::new(), |c| {
-            format!("worst median over N (at N = {}), repeat method", c.1)
+            format!(
+                "worst median over N (at N = {}), repeat method",
+                n_label(c.1)
+            )
         }),
     ));
     let nf = pp.and_then(|p| worst_net(p, "new_flow_random_service", "single"));
-    t.push(judge_max(
+    let hot = pp.and_then(|p| worst_net(p, "new_flow_one_service", "single"));
+    let mut target = judge_max(
         "Per packet above an empty program: new flow",
         "≤ 150 ns",
         nf.map(|c| c.0),
@@ -233,17 +241,24 @@ pub fn targets(r: &Results) -> Vec<Target> {
         &nf.map_or(String::new(), |c| {
             format!(
                 "worst median over N (at N = {}), new flow to a random service",
-                c.1
+                n_label(c.1)
             )
         }),
-    ));
-    let scale = pp.and_then(|p| {
-        let max_n = p.points.iter().map(|x| x.services).max()?;
-        let hi = net(p, max_n, "new_flow_random_service", "single")?;
-        let lo = net(p, 1, "new_flow_random_service", "single")?;
-        (max_n > 1).then_some((hi.median / lo.median, max_n))
-    });
-    t.push(judge_max(
+    );
+    if let Some((h, _)) = hot {
+        target.measured += &format!(" (one service, cache-hot: {} ns)", num(h));
+    }
+    t.push(target);
+    let ratio_of = |path: &str, method: &str| {
+        pp.and_then(|p| {
+            let max_n = p.points.iter().map(|x| x.services).max()?;
+            let hi = net(p, max_n, path, method)?;
+            let lo = net(p, 1, path, method)?;
+            (max_n > 1).then_some((hi.median / lo.median, max_n))
+        })
+    };
+    let scale = ratio_of("new_flow_random_service", "single");
+    let mut target = judge_max(
         "Per-packet cost at 100k services vs 1 service",
         "≤ 1.1×",
         scale.map(|s| s.0),
@@ -252,7 +267,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
         &scale.map_or(String::new(), |s| {
             format!(
                 "new flow (random service), N = {} vs N = 1{}",
-                s.1,
+                n_label(s.1),
                 if s.1 < 100_000 {
                     " (100k not in this run)"
                 } else {
@@ -260,13 +275,28 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 }
             )
         }),
-    ));
+    );
+    let others: Vec<String> = [
+        ("new_flow_one_service", "single", "one service"),
+        ("conntrack_hit", "repeat", "conntrack hit"),
+        ("reverse_nat", "repeat", "reverse NAT"),
+    ]
+    .iter()
+    .filter_map(|(path, method, label)| {
+        ratio_of(path, method).map(|(r, _)| format!("{label} {r:.2}×"))
+    })
+    .collect();
+    if !others.is_empty() {
+        target.measured += &format!(" ({})", others.join(", "));
+    }
+    t.push(target);
     let e2e = r.end_to_end.as_ref();
     let top_n = e2e.and_then(|e| e.points.iter().map(|p| p.services).max());
     let basis_n = |n: Option<usize>| {
         n.map_or(String::new(), |n| {
             format!(
-                "paired per repetition at N = {n}{}",
+                "paired per repetition at N = {}{}",
+                n_label(n),
                 if n < 10_000 {
                     " (10k not in this run)"
                 } else {
@@ -302,7 +332,11 @@ pub fn targets(r: &Results) -> Vec<Target> {
         1.1,
         "×",
         &top_n.map_or(String::new(), |n| {
-            format!("persistent connections, N = {n} vs N = 1")
+            format!(
+                "persistent connections, N = {} vs N = 1, measured minutes apart (see the notes on \
+                 p99 here)",
+                n_label(n)
+            )
         }),
     ));
     let change = e2e.and_then(|e| e.slice_change.as_ref());
@@ -829,12 +863,14 @@ fn e2e_section(md: &mut String, e: &E2eResults, charts: &[String]) {
         "Three identical network-namespace labs per N (the harness's `Lab`: a node namespace, two \
          backend pods holding the {} endpoint addresses as extra /32s, a client pod), one per mode, \
          measured in alternation ({} repetitions, the first mode rotating). Weir: the agent runs in the \
-         node namespace. iptables ({}) and nftables: kube-proxy's rules loaded with the real tools in the \
+         node namespace. kube-proxy's iptables mode ({}) and nftables mode: its rules loaded with the real tools in the \
          node namespace, no agent, so pod traffic to a ClusterIP is DNATed by the node's netfilter in \
          PREROUTING and routed to the backend's veth (no SNAT: the client is inside the cluster CIDR). \
          The client dials {} probe services spread evenly over the N (in iptables mode they sit on average \
          halfway down KUBE-SERVICES, as a random service would); the other services have fake endpoints. \
-         The backend servers are one poll loop per pod; the client is one thread.\n",
+                  The backend servers are one poll loop per pod and the client is one thread, all pinned to one \
+         CPU (the last), so a round measures the CPU work per connection or request, both ends and the \
+         datapath between them included.\n",
         e.endpoints_per_service, e.reps, e.iptables_backend, e.probe_services
     );
     let _ = writeln!(
@@ -1116,13 +1152,16 @@ fn control_section(md: &mut String, e: &E2eResults, p: Option<&PacketResults>, c
             };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {secs} | {} | {}/{} | {} |",
+                "| {} | {} | {} | {secs} | {} | {} | {} |",
                 s.tool,
                 s.kind,
                 n_label(s.services),
                 s.timed_out,
-                s.serving_ok,
-                s.serving_checked,
+                if s.serving_checked == 0 {
+                    "–".to_owned()
+                } else {
+                    format!("{}/{}", s.serving_ok, s.serving_checked)
+                },
                 s.note.as_deref().unwrap_or("")
             );
         }

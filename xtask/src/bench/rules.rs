@@ -40,8 +40,8 @@ impl IptBackend {
 
     pub fn label(self) -> &'static str {
         match self {
-            IptBackend::Legacy => "iptables (legacy)",
-            IptBackend::Nft => "iptables (nf_tables backend)",
+            IptBackend::Legacy => "x_tables, loaded with iptables-legacy-restore",
+            IptBackend::Nft => "nf_tables, loaded with iptables-nft-restore",
         }
     }
 }

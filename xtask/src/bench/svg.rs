@@ -9,10 +9,10 @@ pub struct Series {
     pub points: Vec<(f64, f64, f64, f64)>,
 }
 
-const W: f64 = 720.0;
+const W: f64 = 780.0;
 const H: f64 = 420.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 190.0;
+const RIGHT: f64 = 240.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 60.0;
 const COLORS: [&str; 6] = [
@@ -37,13 +37,14 @@ fn label(v: f64) -> String {
     }
 }
 
+/// At most six decimals, trailing zeros dropped (0.001, 0.25, 2.5, 10).
 fn trim(v: f64) -> String {
-    if v.fract().abs() < 1e-9 {
-        format!("{v:.0}")
-    } else if v.abs() >= 10.0 {
-        format!("{v:.1}")
+    let s = format!("{v:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".to_owned()
     } else {
-        format!("{v:.2}")
+        s.to_owned()
     }
 }
 
@@ -258,6 +259,10 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(svg.contains("a &lt; b"));
         assert!(svg.contains(">1k<"));
+        assert_eq!(
+            (trim(0.001), trim(0.25), trim(2.5), trim(10.0)),
+            ("0.001".into(), "0.25".into(), "2.5".into(), "10".into())
+        );
         let log = line_chart("t", "N", "s", &[], true, true);
         assert!(log.ends_with("</svg>\n"));
     }
