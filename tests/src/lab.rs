@@ -500,6 +500,23 @@ impl Pod {
         Ok(())
     }
 
+    /// Runs `body` on a new thread named `name`, joined when the lab is torn down; `body` gets the
+    /// lab's stop flag and must return soon after it is set. For backends the [`Protocol`] kinds do
+    /// not cover (the HTTP echo server of [`crate::http`]).
+    pub(crate) fn spawn_backend(
+        &self,
+        name: String,
+        body: impl FnOnce(Arc<AtomicBool>) + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let stop = self.shared.stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || body(stop))
+            .with_context(|| format!("spawn {name}"))?;
+        lock(&self.shared.threads).push(handle);
+        Ok(())
+    }
+
     /// [`Pod::serve`] with [`Protocol::Tcp`].
     pub fn serve_tcp(&self, port: u16) -> anyhow::Result<()> {
         self.serve(Protocol::Tcp, port)

@@ -13,6 +13,7 @@ pub mod apiserver;
 pub mod backend;
 pub mod client;
 pub mod cluster;
+pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod scenario;
