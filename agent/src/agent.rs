@@ -11,6 +11,7 @@ use tokio::{
     sync::{mpsc, watch},
 };
 use tracing::{error, info, warn};
+use weir_common::TABLE_CHUNK_SLOTS;
 
 use crate::{
     bpffs,
@@ -86,7 +87,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let caps = Capacities {
         services: args.max_services,
         backends: args.max_backends,
-        maglev_tables: args.max_services.saturating_add(1024),
+        maglev_chunks: u32::try_from(args.maglev_slots.div_ceil(u64::from(TABLE_CHUNK_SLOTS)))
+            .context("--maglev-slots: too many")?,
         conntrack: args.max_conntrack,
         affinity: args.max_affinity,
     };
@@ -404,8 +406,8 @@ fn sync(
     );
     metrics.set_fill(
         weir_common::MAP_MAGLEV,
-        reconciler.programmed_tables(),
-        caps.maglev_tables,
+        reconciler.arena().used() as usize,
+        reconciler.arena().capacity(),
     );
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -430,7 +432,7 @@ fn sync(
                     .iter()
                     .map(|b| format!("{}:{}", b.ip, b.port))
                     .collect(),
-                table_id: value.filter(|v| v.table_size > 0).map(|v| v.table_id),
+                table_base: value.filter(|v| v.table_size > 0).map(|v| v.table_base),
                 table_size: value.map_or(0, |v| v.table_size),
             }
         })

@@ -3,7 +3,8 @@ use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use weir_common::{
-    DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_SERVICES_MAX,
+    DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_MAGLEV_SLOTS,
+    DEFAULT_SERVICES_MAX,
 };
 
 #[derive(Debug, Parser)]
@@ -94,10 +95,17 @@ pub struct Args {
     #[arg(long)]
     pub keep_datapath_on_exit: bool,
 
-    /// Capacity of the frontend map (ClusterIP:port/protocol entries); the Maglev table map gets 1,024 more
-    /// for tables being swapped in.
+    /// Capacity of the frontend map (ClusterIP:port/protocol entries; every ClusterIP also has one
+    /// "any other port" entry per protocol) and of the per-frontend counters map.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_SERVICES_MAX)]
     pub max_services: u32,
+
+    /// Slots in the Maglev arena that holds every frontend's table, 4 bytes each, preallocated. A
+    /// frontend with N backends needs the smallest prime ≥ 1000·2^⌈log2 N⌉ (1 backend: 1,009; 10:
+    /// 16,001), rounded up to 256, and a table being replaced briefly needs room for both. Rounded up
+    /// to a multiple of 256.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAGLEV_SLOTS)]
+    pub maglev_slots: u64,
 
     /// Capacity of the backend map (distinct endpoint address:port/protocol).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BACKENDS_MAX)]

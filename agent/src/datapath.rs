@@ -11,8 +11,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, HashOfMaps, LpmTrie, MapData, MapError as AyaMapError, PerCpuArray,
-        PerCpuHashMap, lpm_trie::Key as LpmKey,
+        Array, HashMap, LpmTrie, MapData, MapError as AyaMapError, PerCpuArray, PerCpuHashMap,
+        lpm_trie::Key as LpmKey,
     },
     programs::{
         CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
@@ -22,12 +22,12 @@ use aya::{
 };
 use tracing::{info, warn};
 use weir_common::{
-    Backend, CONFIG_L7_PORT, CONFIG_NETNS_COOKIE, CtKey, CtValue, MAGLEV_TABLE_FLAGS, MAP_AFFINITY,
-    MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_EXT_IFACES, MAP_MAGLEV, MAP_MEMBERS,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS, MemberKey, PROG_EXT_INGRESS,
-    PROG_POD_INGRESS, PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4,
-    PROG_SOCK_SENDMSG4, SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT, ServiceCounters, ServiceKey,
-    ServiceValue, SourceRangeKey,
+    Backend, CONFIG_L7_PORT, CONFIG_NETNS_COOKIE, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS,
+    MAP_CONFIG, MAP_CONNTRACK, MAP_EXT_IFACES, MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS, MemberKey, PROG_EXT_INGRESS, PROG_POD_INGRESS,
+    PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
+    SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT, ServiceCounters, ServiceKey, ServiceValue,
+    SourceRangeKey, TABLE_CHUNK_SLOTS, TableChunk,
 };
 
 use crate::reconcile::{Adopted, MapError, MapWriter};
@@ -37,7 +37,8 @@ use crate::reconcile::{Adopted, MapError, MapWriter};
 pub struct Capacities {
     pub services: u32,
     pub backends: u32,
-    pub maglev_tables: u32,
+    /// Chunks of `TABLE_CHUNK_SLOTS` slots in the Maglev arena.
+    pub maglev_chunks: u32,
     pub affinity: u32,
     pub conntrack: u32,
 }
@@ -129,7 +130,9 @@ pub struct Datapath {
 /// Typed handles on the pinned maps, moved to the reconciler.
 pub struct Maps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    maglev: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    /// The slot arena, written through mappings of one table's pages at a time.
+    maglev: MapData,
+    maglev_chunks: u32,
     backends: HashMap<MapData, u32, Backend>,
     service_stats: PerCpuHashMap<MapData, ServiceKey, ServiceCounters>,
     members: HashMap<MapData, MemberKey, u32>,
@@ -154,14 +157,12 @@ impl Datapath {
         caps: Capacities,
     ) -> Result<(Self, Maps, StatsReader), DatapathError> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir"));
-        // BTF map definitions carry no pinning attribute, so the Maglev map is pinned by explicit path.
-        let maglev_pin = pin_dir.join(MAP_MAGLEV);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .map_pin_path(MAP_MAGLEV, maglev_pin.as_path())
             .map_max_entries(MAP_SERVICES, caps.services)
+            .map_max_entries(MAP_SERVICE_STATS, caps.services)
             .map_max_entries(MAP_BACKENDS, caps.backends)
-            .map_max_entries(MAP_MAGLEV, caps.maglev_tables)
+            .map_max_entries(MAP_MAGLEV, caps.maglev_chunks)
             .map_max_entries(MAP_CONNTRACK, caps.conntrack)
             .map_max_entries(MAP_AFFINITY, caps.affinity)
             // Each backend usually belongs to one table; swaps briefly hold two.
@@ -207,14 +208,35 @@ impl Datapath {
         }
         let ext_ifaces = take_map(&mut ebpf, MAP_EXT_IFACES)?;
 
-        let maps = Maps {
-            services: take_map(&mut ebpf, MAP_SERVICES)?,
-            maglev: HashOfMaps::try_from(take_raw(&mut ebpf, MAP_MAGLEV)?).map_err(|source| {
-                DatapathError::Map {
+        let maglev = match take_raw(&mut ebpf, MAP_MAGLEV)? {
+            aya::maps::Map::Array(m) => m,
+            _ => {
+                return Err(DatapathError::Missing {
+                    what: "array map",
+                    name: MAP_MAGLEV,
+                });
+            }
+        };
+        // A map pinned by an earlier agent keeps its size, whatever --maglev-slots says now.
+        let maglev_chunks =
+            maglev
+                .info()
+                .map(|i| i.max_entries())
+                .map_err(|source| DatapathError::Map {
                     name: MAP_MAGLEV,
                     source,
-                }
-            })?,
+                })?;
+        if maglev_chunks != caps.maglev_chunks {
+            warn!(
+                pinned = u64::from(maglev_chunks) * u64::from(TABLE_CHUNK_SLOTS),
+                asked = u64::from(caps.maglev_chunks) * u64::from(TABLE_CHUNK_SLOTS),
+                "the pinned Maglev arena keeps its size; remove its pin (and restart) to resize it"
+            );
+        }
+        let maps = Maps {
+            services: take_map(&mut ebpf, MAP_SERVICES)?,
+            maglev,
+            maglev_chunks,
             backends: take_map(&mut ebpf, MAP_BACKENDS)?,
             members: take_map(&mut ebpf, MAP_MEMBERS)?,
             member_index: StdHashMap::new(),
@@ -564,51 +586,80 @@ fn map_error(map: &'static str, op: &'static str, e: AyaMapError) -> MapError {
     }
 }
 
-/// Writes `slots` into a fresh `BPF_F_MMAPABLE` array through a shared mapping: one copy instead of a
-/// `bpf_map_update_elem` per slot (a 1,000-backend table has a million slots).
-fn fill_mmapable(table: &Array<MapData, u32>, slots: &[u32]) -> io::Result<()> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
+/// A shared mapping of the arena pages that hold chunks `[base, base + chunks)`, unmapped on drop. Only
+/// the pages of one table are mapped, and only while it is written or read: the whole arena mapped
+/// for good would count every page in the agent's RSS.
+struct ArenaWindow {
+    addr: *mut libc::c_void,
+    len: usize,
+    /// Where chunk `base` starts inside the mapping.
+    skip: usize,
+}
 
-    use aya::maps::IterableMap as _;
-    let fd = table.map().fd().as_fd().as_raw_fd();
-    // The kernel lays array elements out at 8-byte strides (value size rounded up), the value first.
-    let elems: Vec<[u8; 8]> = slots
-        .iter()
-        .map(|id| {
-            let mut e = [0u8; 8];
-            e[..4].copy_from_slice(&id.to_ne_bytes());
-            e
-        })
-        .collect();
-    let len = std::mem::size_of_val(elems.as_slice());
-    if len == 0 {
-        return Ok(());
+impl ArenaWindow {
+    const CHUNK_BYTES: usize = std::mem::size_of::<TableChunk>();
+
+    fn map(
+        arena: &MapData,
+        arena_chunks: u32,
+        base: u32,
+        slots: usize,
+        write: bool,
+    ) -> io::Result<Self> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let chunks = slots.div_ceil(TABLE_CHUNK_SLOTS as usize);
+        if base as usize + chunks > arena_chunks as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "chunks {base}..{} lie outside the {arena_chunks}-chunk arena",
+                    base as usize + chunks
+                ),
+            ));
+        }
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        // The kernel page-aligns the array's data, so byte 0 of the mapping is chunk 0.
+        let start = base as usize * Self::CHUNK_BYTES;
+        let offset = start / page * page;
+        let skip = start - offset;
+        let len = (skip + slots * 4).div_ceil(page) * page;
+        let prot = if write {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a fresh shared mapping of a BPF_F_MMAPABLE array; the range was checked to lie inside
+        // the array (the kernel checks it again and fails the call otherwise).
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                arena.fd().as_fd().as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { addr, len, skip })
     }
-    // SAFETY: a shared writable mapping of a BPF array we just created with BPF_F_MMAPABLE; its data is
-    // `max_entries` elements of 8 bytes, and `elems.len() == max_entries`.
-    let addr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    if addr == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
+
+    /// The first mapped slot of chunk `base`.
+    fn slots(&self) -> *mut u32 {
+        // SAFETY: `skip < len` by construction in `map`, so the result stays inside the mapping; chunk
+        // boundaries are multiples of 4 bytes, so it is aligned for u32.
+        unsafe { self.addr.cast::<u8>().add(self.skip) }.cast::<u32>()
     }
-    // SAFETY: `addr` maps at least `len` writable bytes (checked above) that nothing else in this process
-    // aliases; the source is a valid slice of the same length.
-    unsafe {
-        std::ptr::copy_nonoverlapping(elems.as_ptr().cast::<u8>(), addr.cast::<u8>(), len);
+}
+
+impl Drop for ArenaWindow {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region `map` mapped.
+        unsafe { libc::munmap(self.addr, self.len) };
     }
-    // SAFETY: unmapping exactly the region mapped above.
-    if unsafe { libc::munmap(addr, len) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Deleting what is not there is success: deletes are idempotent so retries and pruning can overlap.
@@ -633,7 +684,7 @@ impl Maps {
         Adopted {
             services: self.services.iter().filter_map(Result::ok).collect(),
             backends: self.backends.iter().filter_map(Result::ok).collect(),
-            tables: self.maglev.keys().filter_map(Result::ok).collect(),
+            tables: self.member_index.keys().copied().collect(),
         }
     }
 }
@@ -674,52 +725,58 @@ impl MapWriter for Maps {
         ignore_missing(self.backends.remove(&id)).map_err(|e| map_error(MAP_BACKENDS, "delete", e))
     }
 
-    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError> {
-        let size = u32::try_from(slots.len()).map_err(|_| MapError {
-            map: MAP_MAGLEV,
-            op: "create table",
-            message: format!("{} slots do not fit a u32 index", slots.len()),
-        })?;
-        // The flags must equal the template's for the kernel to accept the table as an inner map.
-        let table = Array::<MapData, u32>::create(size, MAGLEV_TABLE_FLAGS)
-            .map_err(|e| map_error(MAP_MAGLEV, "create table", e))?;
-        fill_mmapable(&table, slots).map_err(|e| MapError {
-            map: MAP_MAGLEV,
-            op: "fill table",
-            message: e.to_string(),
-        })?;
-        // Members first: by the time the table is reachable, affinity checks against it work.
-        let mut members: Vec<u32> = slots.to_vec();
-        members.sort_unstable();
-        members.dedup();
+    fn arena_chunks(&self) -> u32 {
+        self.maglev_chunks
+    }
+
+    fn put_table(&mut self, base: u32, slots: &[u32], members: &[u32]) -> Result<(), MapError> {
+        let window = ArenaWindow::map(&self.maglev, self.maglev_chunks, base, slots.len(), true)
+            .map_err(|e| MapError {
+                map: MAP_MAGLEV,
+                op: "map table",
+                message: e.to_string(),
+            })?;
+        // SAFETY: the window maps at least `slots.len()` writable u32s from chunk `base`, which the
+        // allocator gave this table alone; no packet reads them before the frontend is switched here.
+        unsafe {
+            std::ptr::copy_nonoverlapping(slots.as_ptr(), window.slots(), slots.len());
+        }
+        drop(window);
+        // Members next: by the time the table is reachable, affinity checks against it work.
         for (i, backend_id) in members.iter().enumerate() {
             let key = MemberKey {
-                table_id,
+                table_id: base,
                 backend_id: *backend_id,
             };
             if let Err(e) = self.members.insert(key, 1, 0) {
                 for b in &members[..i] {
                     let _ = self.members.remove(&MemberKey {
-                        table_id,
+                        table_id: base,
                         backend_id: *b,
                     });
                 }
                 return Err(map_error(MAP_MEMBERS, "insert", e));
             }
         }
-        self.member_index.insert(table_id, members);
-        // Only now, complete, does the table become reachable; dropping our fd leaves the map's
-        // reference as the only one, so deleting the entry later frees it.
-        if let Err(e) = self.maglev.insert(table_id, &table, 0) {
-            self.delete_members(table_id);
-            return Err(map_error(MAP_MAGLEV, "insert table", e));
-        }
+        self.member_index.insert(base, members.to_vec());
         Ok(())
     }
 
-    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError> {
-        ignore_missing(self.maglev.remove(&table_id))
-            .map_err(|e| map_error(MAP_MAGLEV, "delete table", e))
+    fn table_equals(&mut self, base: u32, slots: &[u32]) -> bool {
+        let Ok(window) =
+            ArenaWindow::map(&self.maglev, self.maglev_chunks, base, slots.len(), false)
+        else {
+            return false;
+        };
+        // SAFETY: the window maps at least `slots.len()` readable u32s from chunk `base`; only this
+        // agent writes the arena, and not concurrently with this read.
+        let current = unsafe { std::slice::from_raw_parts(window.slots(), slots.len()) };
+        current == slots
+    }
+
+    fn delete_table(&mut self, base: u32) -> Result<(), MapError> {
+        self.delete_members(base);
+        Ok(())
     }
 
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {

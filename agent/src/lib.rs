@@ -1,6 +1,7 @@
 //! The Weir node agent as a library: the `weir-agent` binary runs [`agent::run`]; the `weir` CLI and the
 //! tests use the map types, the model and the state endpoint's types from here.
 pub mod agent;
+pub mod arena;
 pub mod bpffs;
 pub mod cli;
 pub mod datapath;

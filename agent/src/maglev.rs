@@ -45,49 +45,55 @@ fn is_prime(n: u64) -> bool {
 /// byte string such as "10.0.0.1:8080/TCP"); the result does not depend on the order they are given in.
 /// `size` should come from [`table_size`]; an empty backend list or size 0 gives an empty table.
 pub fn build<T: Copy>(backends: &[(Vec<u8>, T)], size: u32) -> Vec<T> {
-    let m = u64::from(size);
-    if backends.is_empty() || m == 0 {
+    if backends.is_empty() || size == 0 {
         return Vec::new();
     }
     let mut sorted: Vec<&(Vec<u8>, T)> = backends.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     sorted.dedup_by(|a, b| a.0 == b.0);
 
-    let perms: Vec<(u64, u64)> = sorted
+    // Each backend walks its permutation offset, offset + skip, offset + 2·skip, … (mod M), taking
+    // the next slot nobody owns; `pos` is where each walk stands, advanced by addition instead of a
+    // multiplication and a division per step.
+    let m = size as usize;
+    let (mut pos, skips): (Vec<usize>, Vec<usize>) = sorted
         .iter()
         .map(|(name, _)| {
-            let offset = xxh3_64_with_seed(name, OFFSET_SEED) % m;
+            let offset = xxh3_64_with_seed(name, OFFSET_SEED) % u64::from(size);
             let skip = if m > 1 {
-                xxh3_64_with_seed(name, SKIP_SEED) % (m - 1) + 1
+                xxh3_64_with_seed(name, SKIP_SEED) % (u64::from(size) - 1) + 1
             } else {
                 1
             };
-            (offset, skip)
+            (offset as usize, skip as usize)
         })
-        .collect();
+        .unzip();
 
-    let mut owner: Vec<Option<usize>> = vec![None; size as usize];
-    let mut next = vec![0u64; sorted.len()];
-    let mut filled = 0u64;
+    const FREE: u32 = u32::MAX;
+    let mut owner: Vec<u32> = vec![FREE; m];
+    let mut filled = 0usize;
     'fill: loop {
-        for (i, &(offset, skip)) in perms.iter().enumerate() {
-            let mut slot = (offset + next[i] * skip) % m;
-            while owner[slot as usize].is_some() {
-                next[i] += 1;
-                slot = (offset + next[i] * skip) % m;
+        for (i, skip) in skips.iter().enumerate() {
+            let mut slot = pos[i];
+            while owner[slot] != FREE {
+                slot += skip;
+                if slot >= m {
+                    slot -= m;
+                }
             }
-            owner[slot as usize] = Some(i);
-            next[i] += 1;
+            owner[slot] = i as u32;
+            slot += skip;
+            if slot >= m {
+                slot -= m;
+            }
+            pos[i] = slot;
             filled += 1;
             if filled == m {
                 break 'fill;
             }
         }
     }
-    owner
-        .into_iter()
-        .map(|o| sorted[o.unwrap_or(0)].1)
-        .collect()
+    owner.into_iter().map(|o| sorted[o as usize].1).collect()
 }
 
 #[cfg(test)]

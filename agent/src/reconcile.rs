@@ -1,7 +1,8 @@
 //! Level-triggered reconciliation: the whole desired state is diffed against what is programmed, and only
 //! the difference is written. A frontend's Maglev table is swapped atomically: the new table is written
-//! in full under a fresh table id, then the frontend entry is switched to it in one map update, then the
-//! old table is deleted, so no packet ever sees a half-written table.
+//! in full into free chunks of the slot arena, then the frontend entry is switched to it in one map
+//! update, then the old chunks are released (reused only after a quarantine), so no packet ever sees a
+//! half-written table.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use std::net::Ipv4Addr;
@@ -13,8 +14,9 @@ use weir_common::{
 };
 
 use crate::{
+    arena::{SlotArena, chunks_for},
     maglev,
-    model::{BackendAddr, Desired, Frontend},
+    model::{BackendAddr, Desired, Frontend, FrontendState},
 };
 
 /// A failed map operation, with which map and what for.
@@ -30,10 +32,16 @@ pub struct MapError {
 pub trait MapWriter {
     fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), MapError>;
-    /// Creates a complete table (slot → backend id) under `table_id`; on error nothing is left behind.
-    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError>;
-    /// Idempotent: deleting a missing table succeeds.
-    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError>;
+    /// Chunks in the Maglev slot arena.
+    fn arena_chunks(&self) -> u32;
+    /// Writes a complete table (slot → backend id) into the arena from chunk `base` and records its
+    /// members (the distinct backend ids in `slots`); on error no member is left behind.
+    fn put_table(&mut self, base: u32, slots: &[u32], members: &[u32]) -> Result<(), MapError>;
+    /// Whether the arena holds exactly `slots` from chunk `base` (an adopted frontend whose table is
+    /// already right keeps it across a restart instead of being rewritten).
+    fn table_equals(&mut self, base: u32, slots: &[u32]) -> bool;
+    /// Forgets the members of the table at `base` (its chunks go back to the allocator). Idempotent.
+    fn delete_table(&mut self, base: u32) -> Result<(), MapError>;
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
     fn put_source_range(&mut self, key: ServiceKey, range: (Ipv4Addr, u8)) -> Result<(), MapError>;
@@ -52,7 +60,7 @@ pub trait MapWriter {
 pub struct Adopted {
     pub services: Vec<(ServiceKey, ServiceValue)>,
     pub backends: Vec<(u32, Backend)>,
-    /// Every table id present in the Maglev map.
+    /// Every table (base chunk) that has members recorded.
     pub tables: Vec<u32>,
 }
 
@@ -91,9 +99,52 @@ pub struct Reconciler<W> {
     backend_ids: BTreeMap<BackendAddr, u32>,
     free_backend_ids: Vec<u32>,
     next_backend_id: u32,
-    next_table_id: u32,
+    arena: SlotArena,
     /// Tables found in the pinned maps: those no frontend uses after the first sync are deleted.
     orphan_tables: Vec<u32>,
+}
+
+/// Frontends whose tables are built before any of them is written.
+const TABLE_BATCH: usize = 256;
+
+/// A frontend's Maglev table, built and not yet written.
+struct BuiltTable {
+    slots: Vec<u32>,
+    size: u32,
+    /// The distinct backend ids in `slots`.
+    members: Vec<u32>,
+}
+
+/// A frontend's Maglev table from its backends' ids; `None` when it has no backend.
+fn build_table(
+    backend_ids: &BTreeMap<BackendAddr, u32>,
+    state: &FrontendState,
+) -> Result<Option<BuiltTable>, MapError> {
+    if state.backends.is_empty() {
+        return Ok(None);
+    }
+    let members: Vec<(Vec<u8>, u32)> = state
+        .backends
+        .iter()
+        .filter_map(|b| {
+            backend_ids
+                .get(b)
+                .map(|id| (b.to_string().into_bytes(), *id))
+        })
+        .collect();
+    if members.len() != state.backends.len() {
+        return Err(MapError {
+            map: weir_common::MAP_BACKENDS,
+            op: "lookup",
+            message: "a backend of this frontend could not be programmed".to_owned(),
+        });
+    }
+    let size = maglev::table_size(members.len());
+    Ok(Some(BuiltTable {
+        slots: maglev::build(&members, size),
+        size,
+        members: members.into_iter().map(|(_, id)| id).collect(),
+    }))
 }
 
 pub fn service_key(f: &Frontend) -> ServiceKey {
@@ -125,11 +176,20 @@ impl<W: MapWriter> Reconciler<W> {
     /// frontend references are removed after that sync.
     pub fn adopt(writer: W, adopted: Adopted) -> Self {
         let mut frontends = HashMap::new();
-        let mut max_table = 0;
-        let mut live_tables = BTreeSet::new();
+        let mut arena = SlotArena::new(writer.arena_chunks());
         for (key, value) in adopted.services {
-            max_table = max_table.max(value.table_id);
-            live_tables.insert(value.table_id);
+            if value.table_size > 0
+                && !arena.reserve(value.table_base, chunks_for(value.table_size))
+            {
+                // Out of the arena or overlapping another table: a corrupt entry. It is rewritten
+                // at the first sync; until then its chunks may be handed to another table.
+                warn!(
+                    ?key,
+                    base = value.table_base,
+                    size = value.table_size,
+                    "adopted frontend's Maglev table does not fit the arena"
+                );
+            }
             frontends.insert(
                 key,
                 Programmed {
@@ -164,18 +224,14 @@ impl<W: MapWriter> Reconciler<W> {
                 stale_backend_ids.push(id);
             }
         }
-        let orphan_tables = adopted
-            .tables
-            .into_iter()
-            .inspect(|t| max_table = max_table.max(*t))
-            .collect();
+        let orphan_tables = adopted.tables;
         let mut r = Self {
             writer,
             frontends,
             backend_ids,
             free_backend_ids: Vec::new(),
             next_backend_id: max_backend.saturating_add(1).max(1),
-            next_table_id: max_table.wrapping_add(1).max(1),
+            arena,
             orphan_tables,
         };
         for id in stale_backend_ids {
@@ -212,6 +268,11 @@ impl<W: MapWriter> Reconciler<W> {
         self.backend_ids.len()
     }
 
+    /// The Maglev slot arena's allocation state.
+    pub fn arena(&self) -> &SlotArena {
+        &self.arena
+    }
+
     /// Brings the maps to `desired`. Failures are logged and counted; a frontend whose update failed
     /// keeps its previous programming, and the next sync retries it.
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
@@ -234,20 +295,6 @@ impl<W: MapWriter> Reconciler<W> {
                 Err(e) => {
                     error!(backend = %b, "cannot program backend: {e}");
                     self.free_backend_ids.push(id);
-                    report.errors += 1;
-                }
-            }
-        }
-
-        for (frontend, state) in &desired.frontends {
-            let key = service_key(frontend);
-            if self.frontends.get(&key).is_some_and(|p| p.matches(state)) {
-                continue;
-            }
-            match self.write_frontend(key, state) {
-                Ok(()) => report.frontends_written += 1,
-                Err(e) => {
-                    error!(frontend = %frontend, service = %state.service, "cannot program frontend: {e}");
                     report.errors += 1;
                 }
             }
@@ -299,6 +346,33 @@ impl<W: MapWriter> Reconciler<W> {
             }
         }
 
+        // Writes after deletions, so the room deleted frontends free (map entries, arena chunks) is
+        // available to the frontends being written.
+        let changed: Vec<(&Frontend, &FrontendState)> = desired
+            .frontends
+            .iter()
+            .filter(|(f, state)| {
+                !self
+                    .frontends
+                    .get(&service_key(f))
+                    .is_some_and(|p| p.matches(state))
+            })
+            .collect();
+        // Tables are built in parallel a batch at a time (building is most of the work of a big sync;
+        // batches bound the memory of tables built but not yet written), then written in order.
+        for batch in changed.chunks(TABLE_BATCH) {
+            let tables = self.build_tables(batch);
+            for ((frontend, state), table) in batch.iter().zip(tables) {
+                match table.and_then(|t| self.write_frontend(service_key(frontend), state, t)) {
+                    Ok(()) => report.frontends_written += 1,
+                    Err(e) => {
+                        error!(frontend = %frontend, service = %state.service, "cannot program frontend: {e}");
+                        report.errors += 1;
+                    }
+                }
+            }
+        }
+
         // Backends go last: only once no table can point at them any more.
         let referenced: BTreeSet<BackendAddr> = self
             .frontends
@@ -342,31 +416,89 @@ impl<W: MapWriter> Reconciler<W> {
         })
     }
 
-    fn alloc_table_id(&mut self) -> u32 {
-        let in_use: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .map(|p| p.value.table_id)
-            .chain(self.orphan_tables.iter().copied())
-            .collect();
-        while in_use.contains(&self.next_table_id) || self.next_table_id == 0 {
-            self.next_table_id = self.next_table_id.wrapping_add(1);
+    /// Writes `table` into free chunks; the caller makes it reachable or releases it.
+    fn place_table(&mut self, table: &[u32], members: &[u32]) -> Result<u32, MapError> {
+        let size = u32::try_from(table.len()).map_err(|_| MapError {
+            map: weir_common::MAP_MAGLEV,
+            op: "allocate",
+            message: format!("{} slots do not fit a u32 index", table.len()),
+        })?;
+        let chunks = chunks_for(size);
+        let base = self.arena.alloc(chunks).ok_or_else(|| MapError {
+            map: weir_common::MAP_MAGLEV,
+            op: "allocate",
+            message: format!(
+                "no run of {chunks} free chunks for a {size}-slot table ({} of {} chunks in use; \
+                 raise --maglev-slots)",
+                self.arena.used(),
+                self.arena.capacity()
+            ),
+        })?;
+        if let Err(e) = self.writer.put_table(base, table, members) {
+            self.arena.release_now(base, chunks);
+            return Err(e);
         }
-        let id = self.next_table_id;
-        self.next_table_id = self.next_table_id.wrapping_add(1);
-        id
+        Ok(base)
+    }
+
+    /// The Maglev table of each frontend of `batch` (`None` for those without backends), built on
+    /// every CPU.
+    fn build_tables(
+        &self,
+        batch: &[(&Frontend, &FrontendState)],
+    ) -> Vec<Result<Option<BuiltTable>, MapError>> {
+        let ids = &self.backend_ids;
+        let build = |state: &FrontendState| build_table(ids, state);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .min(batch.len().div_ceil(16))
+            .max(1);
+        if threads == 1 {
+            return batch.iter().map(|(_, s)| build(s)).collect();
+        }
+        let per_thread = batch.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = batch
+                .chunks(per_thread)
+                .map(|part| {
+                    let handle =
+                        scope.spawn(move || part.iter().map(|(_, s)| build(s)).collect::<Vec<_>>());
+                    (part.len(), handle)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|(len, handle)| {
+                    handle.join().unwrap_or_else(|_| {
+                        // A panic in a build is a bug; the frontends of that part keep their tables.
+                        (0..len)
+                            .map(|_| {
+                                Err(MapError {
+                                    map: weir_common::MAP_MAGLEV,
+                                    op: "build",
+                                    message: "table build panicked".to_owned(),
+                                })
+                            })
+                            .collect()
+                    })
+                })
+                .collect()
+        })
     }
 
     fn write_frontend(
         &mut self,
         key: ServiceKey,
-        state: &crate::model::FrontendState,
+        state: &FrontendState,
+        table: Option<BuiltTable>,
     ) -> Result<(), MapError> {
         let backends = &state.backends;
         let drop_when_empty = state.drop_when_empty;
-        let value = if backends.is_empty() {
-            ServiceValue {
-                table_id: 0,
+        // A table this call wrote (to be released if the frontend cannot be switched to it).
+        let mut new_table = None;
+        let value = match table {
+            None => ServiceValue {
+                table_base: 0,
                 table_size: 0,
                 backend_count: 0,
                 flags: if drop_when_empty {
@@ -376,35 +508,35 @@ impl<W: MapWriter> Reconciler<W> {
                 },
                 affinity_timeout_s: state.affinity_timeout_s,
                 pad: 0,
-            }
-        } else {
-            let members: Vec<(Vec<u8>, u32)> = backends
-                .iter()
-                .filter_map(|b| {
-                    self.backend_ids
-                        .get(b)
-                        .map(|id| (b.to_string().into_bytes(), *id))
-                })
-                .collect();
-            if members.len() != backends.len() {
-                return Err(MapError {
-                    map: weir_common::MAP_BACKENDS,
-                    op: "lookup",
-                    message: "a backend of this frontend could not be programmed".to_owned(),
-                });
-            }
-            let size = maglev::table_size(members.len());
-            let table = maglev::build(&members, size);
-            let table_id = self.alloc_table_id();
-            // On failure the frontend keeps its old table.
-            self.writer.put_table(table_id, &table)?;
-            ServiceValue {
-                table_id,
-                table_size: size,
-                backend_count: members.len() as u32,
-                flags: 0,
-                affinity_timeout_s: state.affinity_timeout_s,
-                pad: 0,
+            },
+            Some(BuiltTable {
+                slots: table,
+                size,
+                members,
+            }) => {
+                // An adopted frontend (backends unknown) whose table already is this one keeps it.
+                let adopted_base = self
+                    .frontends
+                    .get(&key)
+                    .filter(|p| p.backends.is_none() && p.value.table_size == size)
+                    .map(|p| p.value.table_base);
+                let table_base = match adopted_base {
+                    Some(base) if self.writer.table_equals(base, &table) => base,
+                    // On failure the frontend keeps its old table.
+                    _ => {
+                        let base = self.place_table(&table, &members)?;
+                        new_table = Some(base);
+                        base
+                    }
+                };
+                ServiceValue {
+                    table_base,
+                    table_size: size,
+                    backend_count: members.len() as u32,
+                    flags: 0,
+                    affinity_timeout_s: state.affinity_timeout_s,
+                    pad: 0,
+                }
             }
         };
         let mut value = value;
@@ -420,7 +552,7 @@ impl<W: MapWriter> Reconciler<W> {
             .filter(|r| !old_ranges.contains(r))
         {
             if let Err(e) = self.writer.put_source_range(key, *r) {
-                self.drop_table(value);
+                self.discard_new_table(new_table, value);
                 return Err(e);
             }
         }
@@ -431,7 +563,7 @@ impl<W: MapWriter> Reconciler<W> {
             value.flags |= SVC_FLAG_L7;
         }
         if let Err(e) = self.writer.put_service(key, value) {
-            self.drop_table(value);
+            self.discard_new_table(new_table, value);
             return Err(e);
         }
         for r in old_ranges
@@ -451,20 +583,39 @@ impl<W: MapWriter> Reconciler<W> {
                 source_ranges: state.source_ranges.clone(),
             },
         );
-        if let Some(old) = old {
+        if let Some(old) = old
+            && (old.value.table_size != value.table_size
+                || old.value.table_base != value.table_base)
+        {
             self.drop_table(old.value);
         }
         Ok(())
     }
 
+    /// Frees a table this sync wrote but never made reachable.
+    fn discard_new_table(&mut self, new_table: Option<u32>, value: ServiceValue) {
+        if let Some(base) = new_table {
+            if let Err(e) = self.writer.delete_table(base) {
+                warn!(table = base, "cannot delete Maglev table members: {e}");
+            }
+            self.arena.release_now(base, chunks_for(value.table_size));
+        }
+    }
+
+    /// Frees a table that was reachable: its chunks wait out the quarantine before reuse.
     fn drop_table(&mut self, value: ServiceValue) {
         if value.table_size == 0 {
             return;
         }
-        if let Err(e) = self.writer.delete_table(value.table_id) {
+        if let Err(e) = self.writer.delete_table(value.table_base) {
             // Unreferenced, so harmless to traffic; pruned again at the next start.
-            warn!(table = value.table_id, "cannot delete Maglev table: {e}");
+            warn!(
+                table = value.table_base,
+                "cannot delete Maglev table members: {e}"
+            );
         }
+        self.arena
+            .release(value.table_base, chunks_for(value.table_size));
     }
 
     fn prune_orphan_tables(&mut self) {
@@ -475,7 +626,7 @@ impl<W: MapWriter> Reconciler<W> {
             .frontends
             .values()
             .filter(|p| p.value.table_size > 0)
-            .map(|p| p.value.table_id)
+            .map(|p| p.value.table_base)
             .collect();
         for table in std::mem::take(&mut self.orphan_tables) {
             if !live.contains(&table)

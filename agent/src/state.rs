@@ -22,7 +22,8 @@ pub struct FrontendInfo {
     pub protocol: String,
     /// Ready backends as `ip:port`.
     pub backends: Vec<String>,
-    /// Key of the frontend's table in `WEIR_MAGLEV`; `None` when it has no backend (rejects).
-    pub table_id: Option<u32>,
+    /// First chunk of the frontend's table in the `WEIR_MAGLEV` arena; `None` when it has no backend
+    /// (rejects).
+    pub table_base: Option<u32>,
     pub table_size: u32,
 }

@@ -6,8 +6,10 @@
 
 /// Frontends (ClusterIP:port/proto) → which Maglev table serves them.
 pub const MAP_SERVICES: &str = "WEIR_SERVICES";
-/// Hash of maps: table id → that frontend's Maglev table, an array of backend ids (one per slot). A
-/// table is swapped by inserting a new one under a fresh id and switching the frontend to it.
+/// The Maglev slot arena: one mmapable array of [`TableChunk`]s holding every frontend's table (slot →
+/// backend id) in a run of consecutive chunks the agent allocates. A table is swapped by writing the new
+/// one into free chunks and then switching the frontend's `table_base` in one update; no map is
+/// created or inserted per table (map-in-map updates wait for an RCU grace period each).
 pub const MAP_MAGLEV: &str = "WEIR_MAGLEV";
 /// Backend id → backend address.
 pub const MAP_BACKENDS: &str = "WEIR_BACKENDS";
@@ -73,15 +75,27 @@ pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;
 /// First port of the range SNAT allocates from (up to 65535), as Cilium's default.
 pub const SNAT_PORT_MIN: u16 = 32_768;
 
-/// `BPF_F_INNER_MAP | BPF_F_MMAPABLE`, set on the Maglev inner-map template and on every table the agent
-/// creates: INNER_MAP lets tables of different sizes be values of the same outer map, MMAPABLE lets the
-/// agent fill a table with one memory copy instead of a syscall per slot.
-pub const MAGLEV_TABLE_FLAGS: u32 = 0x1000 | 0x400;
+/// `BPF_F_MMAPABLE` on the slot arena: the agent writes a table with one memory copy into a mapping of
+/// just that table's pages, instead of a syscall per chunk.
+pub const MAGLEV_ARENA_FLAGS: u32 = 0x400;
+/// Slots per arena element. 256 four-byte slots (1 KB) waste half a KB per table on average in the
+/// last chunk, and keep the element a divisor of the page size so chunk `c` sits at byte `c * 1024`
+/// of the mapping.
+pub const TABLE_CHUNK_SLOTS: u32 = 256;
+
+/// One element of `MAP_MAGLEV`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableChunk {
+    pub slots: [u32; TABLE_CHUNK_SLOTS as usize],
+}
 
 pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65_536;
-/// Maglev tables alive at once: one per frontend with backends, plus room for tables being swapped in.
-pub const DEFAULT_MAGLEV_TABLES_MAX: u32 = DEFAULT_SERVICES_MAX + 1024;
+/// Arena chunks by default: 2^24 slots (64 MB), room for about a thousand 16-backend tables (16,001
+/// slots each) plus the swaps in flight; `--maglev-slots` changes it.
+pub const DEFAULT_MAGLEV_SLOTS: u64 = 1 << 24;
+pub const DEFAULT_MAGLEV_CHUNKS: u32 = (DEFAULT_MAGLEV_SLOTS / TABLE_CHUNK_SLOTS as u64) as u32;
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
 
@@ -173,8 +187,9 @@ pub struct ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Key of this frontend's Maglev table in `MAP_MAGLEV`.
-    pub table_id: u32,
+    /// First chunk of this frontend's Maglev table in `MAP_MAGLEV` (slot `s` is in chunk
+    /// `table_base + s / TABLE_CHUNK_SLOTS`); also the table's identity in `MAP_MEMBERS`.
+    pub table_base: u32,
     /// Number of slots (a prime); 0 when the service has no backend.
     pub table_size: u32,
     pub backend_count: u32,
@@ -278,6 +293,8 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<MemberKey>() == 8);
+const _: () = assert!(core::mem::size_of::<TableChunk>() == 4 * TABLE_CHUNK_SLOTS as usize);
+const _: () = assert!(4096 % core::mem::size_of::<TableChunk>() == 0);
 const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 12);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
@@ -298,6 +315,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for MemberKey {}
+    unsafe impl aya::Pod for TableChunk {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}

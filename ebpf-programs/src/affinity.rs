@@ -23,7 +23,7 @@ pub fn choose(frontend: &ServiceKey, svc: &ServiceValue, client_be: u32, hashed:
         let prev = unsafe { *prev };
         let fresh = now.saturating_sub(prev.last_ns) <= timeout_ns;
         let member = MemberKey {
-            table_id: svc.table_id,
+            table_id: svc.table_base,
             backend_id: prev.backend_id,
         };
         // An endpoint that left the Service loses its clients, as with kube-proxy.

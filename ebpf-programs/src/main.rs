@@ -33,7 +33,7 @@ use weir_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, EXT_IFACES, MAGLEV, SERVICES, SOURCE_RANGES},
+    maps::{BACKENDS, CONNTRACK, EXT_IFACES, SERVICES, SOURCE_RANGES},
     packet::Flow,
     stats::{count, count_service},
 };
@@ -214,10 +214,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, ct_key: &CtKey, outside: bool) -> Resu
         return Ok(NewFlow::Reject);
     }
 
-    let slot = flow::hash(flow) % svc.table_size;
-    // SAFETY: tables are arrays (never deleted element-wise) and a swapped-out table stays alive while
-    // any program holds a reference to it, so the slot read is a valid u32.
-    let Some(&hashed) = (unsafe { MAGLEV.get_value(&svc.table_id, &slot) }) else {
+    let Some(hashed) = maps::maglev_slot(&svc, flow::hash(flow)) else {
         count(STAT_DROP_NO_BACKEND);
         return Ok(NewFlow::Done(TC_ACT_SHOT));
     };

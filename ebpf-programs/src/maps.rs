@@ -1,27 +1,36 @@
 //! Every map of the datapath, pinned by name under the agent's `--bpffs-dir` so its state survives the agent.
 //! Sizes here are defaults; the agent overrides them at load time.
 use aya_ebpf::{
-    btf_maps::{Array as BtfArray, HashOfMaps},
-    macros::{btf_map, map},
+    macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weir_common::{
     AffinityKey, AffinityValue, Backend, CONFIG_SLOTS, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
-    DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_MAGLEV_TABLES_MAX, DEFAULT_SERVICES_MAX,
-    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOURCE_RANGES_MAX, MAGLEV_TABLE_FLAGS, MemberKey, STAT_SLOTS,
+    DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_MAGLEV_CHUNKS, DEFAULT_SERVICES_MAX,
+    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOURCE_RANGES_MAX, MAGLEV_ARENA_FLAGS, MemberKey, STAT_SLOTS,
     ServiceCounters, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey,
+    TABLE_CHUNK_SLOTS, TableChunk,
 };
 
 #[map(name = "WEIR_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(DEFAULT_SERVICES_MAX, 0);
 
-/// Inner-map template: `BPF_F_INNER_MAP` lets every table have its own prime size (4 bytes a slot); the
-/// agent creates the tables. BTF map definitions carry no pinning, so the agent pins this one by path.
-type MaglevTable = BtfArray<u32, 1, { MAGLEV_TABLE_FLAGS as usize }>;
+/// Every frontend's Maglev table, in runs of chunks the agent allocates (see `weir_common::MAP_MAGLEV`).
+#[map(name = "WEIR_MAGLEV")]
+pub static MAGLEV: Array<TableChunk> = Array::pinned(DEFAULT_MAGLEV_CHUNKS, MAGLEV_ARENA_FLAGS);
 
-#[btf_map(name = "WEIR_MAGLEV")]
-pub static MAGLEV: HashOfMaps<u32, MaglevTable, { DEFAULT_MAGLEV_TABLES_MAX as usize }> =
-    HashOfMaps::new();
+/// The backend id in slot `hash % table_size` of a frontend's table; `None` when the frontend has no
+/// table or its chunks lie outside the arena (a corrupt entry: the caller drops, counted).
+#[inline(always)]
+pub fn maglev_slot(svc: &ServiceValue, hash: u32) -> Option<u32> {
+    if svc.table_size == 0 {
+        return None;
+    }
+    let slot = hash % svc.table_size;
+    let chunk = MAGLEV.get(svc.table_base.wrapping_add(slot / TABLE_CHUNK_SLOTS))?;
+    // `% TABLE_CHUNK_SLOTS` keeps the index inside the chunk's array, so no bounds failure is possible.
+    Some(chunk.slots[(slot % TABLE_CHUNK_SLOTS) as usize])
+}
 
 #[map(name = "WEIR_BACKENDS")]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_BACKENDS_MAX, 0);

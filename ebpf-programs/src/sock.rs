@@ -12,7 +12,7 @@ use weir_common::{
     SockRevKey, SockRevValue,
 };
 
-use crate::maps::{BACKENDS, CONFIG, MAGLEV, SERVICES, SOCK_REVNAT};
+use crate::maps::{self, BACKENDS, CONFIG, SERVICES, SOCK_REVNAT};
 
 /// Verdicts of cgroup sock_addr programs: 1 lets the call proceed, 0 fails it with EPERM.
 pub const ALLOW: i32 = 1;
@@ -61,9 +61,7 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     let mut h = cookie ^ (cookie >> 33);
     h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
     h ^= h >> 33;
-    let slot = (h as u32) % svc.table_size;
-    // SAFETY: tables are arrays never deleted element-wise; a swapped-out table lives while referenced.
-    let Some(&backend_id) = (unsafe { MAGLEV.get_value(&svc.table_id, &slot) }) else {
+    let Some(backend_id) = maps::maglev_slot(&svc, h as u32) else {
         return ALLOW;
     };
     let Some(backend) = BACKENDS.get_ptr(backend_id) else {

@@ -127,7 +127,7 @@ fn weir_shows_services_slot_shares_conntrack_and_counters() {
         assert_eq!(str_of(row, "port_name"), *port_name, "{row}");
         assert_eq!(u64_of(row, "backend_count"), 3, "{row}");
         assert_eq!(row["reject"], false, "{row}");
-        assert!(row["table_id"].is_u64(), "{row}");
+        assert!(row["table_base"].is_u64(), "{row}");
         assert!(u64_of(row, "table_size") > 0, "{row}");
     }
     // The same, for people.

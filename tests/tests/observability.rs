@@ -91,5 +91,5 @@ fn metrics_count_packets_per_frontend_and_verdict_and_state_names_the_service() 
         .expect("echo's TCP frontend in /state");
     assert_eq!(f.service, "default/echo");
     assert_eq!(f.backends.len(), 3);
-    assert!(f.table_id.is_some() && f.table_size >= 3000);
+    assert!(f.table_base.is_some() && f.table_size >= 3000);
 }

@@ -6,18 +6,36 @@ use std::{
 use super::*;
 use crate::model::{FrontendState, NsName, Protocol};
 
-/// In-memory maps with an optional slot capacity, to drive the failure paths.
-#[derive(Default)]
+/// In-memory maps with an optional table count limit, to drive the failure paths.
 struct FakeMaps {
     services: HashMap<ServiceKey, ServiceValue>,
+    /// Tables with members, by base chunk.
     tables: BTreeMap<u32, Vec<u32>>,
     backends: HashMap<u32, Backend>,
     table_capacity: Option<usize>,
+    arena_chunks: u32,
     ranges: std::collections::BTreeSet<(ServiceKey, (Ipv4Addr, u8))>,
     purged: Vec<ServiceKey>,
 }
 
+impl Default for FakeMaps {
+    fn default() -> Self {
+        Self {
+            services: HashMap::new(),
+            tables: BTreeMap::new(),
+            backends: HashMap::new(),
+            table_capacity: None,
+            arena_chunks: 1 << 16,
+            ranges: Default::default(),
+            purged: Vec::new(),
+        }
+    }
+}
+
 impl MapWriter for FakeMaps {
+    fn arena_chunks(&self) -> u32 {
+        self.arena_chunks
+    }
     fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), MapError> {
         self.backends.insert(id, backend);
         Ok(())
@@ -26,7 +44,16 @@ impl MapWriter for FakeMaps {
         self.backends.remove(&id);
         Ok(())
     }
-    fn put_table(&mut self, table_id: u32, slots: &[u32]) -> Result<(), MapError> {
+    fn put_table(&mut self, base: u32, slots: &[u32], members: &[u32]) -> Result<(), MapError> {
+        let mut distinct: Vec<u32> = slots.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut given = members.to_vec();
+        given.sort_unstable();
+        assert_eq!(
+            distinct, given,
+            "members are the table's distinct backend ids"
+        );
         if self.table_capacity.is_some_and(|c| self.tables.len() >= c) {
             return Err(MapError {
                 map: "maglev",
@@ -34,11 +61,23 @@ impl MapWriter for FakeMaps {
                 message: "full".into(),
             });
         }
-        self.tables.insert(table_id, slots.to_vec());
+        let end = base + crate::arena::chunks_for(slots.len() as u32);
+        assert!(end <= self.arena_chunks, "table written past the arena");
+        for (&b, t) in &self.tables {
+            let e = b + crate::arena::chunks_for(t.len() as u32);
+            assert!(
+                end <= b || e <= base,
+                "table at {base} written over live table at {b}"
+            );
+        }
+        self.tables.insert(base, slots.to_vec());
         Ok(())
     }
-    fn delete_table(&mut self, table_id: u32) -> Result<(), MapError> {
-        self.tables.remove(&table_id);
+    fn table_equals(&mut self, base: u32, slots: &[u32]) -> bool {
+        self.tables.get(&base).is_some_and(|t| t == slots)
+    }
+    fn delete_table(&mut self, base: u32) -> Result<(), MapError> {
+        self.tables.remove(&base);
         Ok(())
     }
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
@@ -75,7 +114,7 @@ impl FakeMaps {
     fn shares(&self, f: &Frontend) -> BTreeMap<Ipv4Addr, usize> {
         let v = self.services[&service_key(f)];
         let mut out = BTreeMap::new();
-        let table = &self.tables[&v.table_id];
+        let table = &self.tables[&v.table_base];
         assert_eq!(table.len(), v.table_size as usize);
         for &id in table {
             let ip = Ipv4Addr::from(u32::from_be(self.backends[&id].addr_be));
@@ -146,12 +185,12 @@ fn programs_tables_and_swaps_them_whole_on_change() {
     r.sync(&desired(&[(f, &[1, 2])]));
     let second = r.writer().services[&service_key(&f)];
     assert_ne!(
-        first.table_id, second.table_id,
+        first.table_base, second.table_base,
         "a new table id, switched in one write"
     );
     assert_eq!(
         r.writer().tables.keys().copied().collect::<Vec<_>>(),
-        [second.table_id],
+        [second.table_base],
         "old table deleted"
     );
     assert_eq!(
@@ -233,7 +272,7 @@ fn adoption_keeps_backend_ids_and_prunes_orphan_tables() {
     second.sync(&desired(&[(a, &[1, 2])]));
     let w = second.writer();
     assert!(!w.services.contains_key(&service_key(&b)));
-    let live = w.services[&service_key(&a)].table_id;
+    let live = w.services[&service_key(&a)].table_base;
     assert_eq!(
         w.tables.keys().copied().collect::<Vec<_>>(),
         [live],
@@ -291,4 +330,77 @@ fn deleting_a_udp_frontend_purges_its_flows_but_not_tcp() {
     r.sync(&desired(&[(tcp, &[1]), (udp, &[1])]));
     r.sync(&desired(&[]));
     assert_eq!(r.writer().purged, [service_key(&udp)]);
+}
+
+#[test]
+fn a_full_arena_refuses_new_tables_and_keeps_serving_the_rest() {
+    // 3 backends → 4001 slots → 16 chunks; 20 chunks hold one such table and nothing more.
+    let mut r = Reconciler::new(FakeMaps {
+        arena_chunks: 20,
+        ..FakeMaps::default()
+    });
+    let (a, b) = (frontend(10), frontend(11));
+    assert_eq!(r.sync(&desired(&[(a, &[1, 2, 3])])).errors, 0);
+    let before = r.writer().services[&service_key(&a)];
+    let report = r.sync(&desired(&[(a, &[1, 2, 3]), (b, &[5, 6, 7])]));
+    assert_eq!(report.errors, 1, "b's table does not fit");
+    assert!(!r.writer().services.contains_key(&service_key(&b)));
+    // a's replacement needs room beside the table it replaces.
+    assert_eq!(r.sync(&desired(&[(a, &[1, 2, 4])])).errors, 1);
+    assert_eq!(
+        r.writer().services[&service_key(&a)],
+        before,
+        "a keeps its table"
+    );
+    assert_eq!(
+        r.arena().used(),
+        16,
+        "failed allocations leave nothing behind"
+    );
+    // Room appears when a goes away (deleted before b is written, in the same sync).
+    let report = r.sync(&desired(&[(b, &[5, 6, 7])]));
+    assert_eq!(report.errors, 0);
+    assert_eq!(
+        r.writer().shares(&b).keys().copied().collect::<Vec<_>>(),
+        [5, 6, 7].map(|x| Ipv4Addr::new(10, 0, 0, x))
+    );
+}
+
+#[test]
+fn adopted_tables_that_are_already_right_are_kept_in_place() {
+    let mut first = Reconciler::new(FakeMaps::default());
+    let (a, b) = (frontend(10), frontend(11));
+    first.sync(&desired(&[(a, &[1, 2]), (b, &[3])]));
+    let maps = first.writer;
+    let adopted = Adopted {
+        services: maps.services.iter().map(|(k, v)| (*k, *v)).collect(),
+        backends: maps.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+        tables: maps.tables.keys().copied().collect(),
+    };
+    let before_a = maps.services[&service_key(&a)];
+    let before_b = maps.services[&service_key(&b)];
+    let mut second = Reconciler::adopt(maps, adopted);
+    assert_eq!(
+        second.arena().used(),
+        crate::arena::chunks_for(before_a.table_size)
+            + crate::arena::chunks_for(before_b.table_size)
+    );
+    // a unchanged, b gains a backend (a new table).
+    let report = second.sync(&desired(&[(a, &[1, 2]), (b, &[3, 4])]));
+    assert_eq!(report.errors, 0);
+    let w = second.writer();
+    assert_eq!(
+        w.services[&service_key(&a)],
+        before_a,
+        "a's table kept, not rewritten"
+    );
+    assert_ne!(w.services[&service_key(&b)].table_base, before_b.table_base);
+    assert_eq!(w.shares(&b).len(), 2);
+    // a unchanged again: nothing to write at all now that its backends are known.
+    assert_eq!(
+        second
+            .sync(&desired(&[(a, &[1, 2]), (b, &[3, 4])]))
+            .frontends_written,
+        0
+    );
 }

@@ -152,7 +152,7 @@ pub struct AgentMaps {
     /// memlock of every map fd the agent holds (from /proc/<pid>/fdinfo).
     pub fd_maps_bytes: u64,
     pub fd_maps: usize,
-    /// The Maglev tables, reached through the pinned outer map.
+    /// The part of the Maglev arena that tables occupy (included in `fd_maps_bytes`).
     pub tables_bytes: u64,
     pub tables: usize,
     pub total_bytes: u64,
@@ -316,7 +316,15 @@ fn agent_args(n: usize, endpoints: usize) -> Vec<String> {
         cap(4 * n + 1),
         "--max-backends".to_owned(),
         cap(n * endpoints + 64),
+        "--maglev-slots".to_owned(),
+        maglev_slots(n, endpoints).to_string(),
     ]
+}
+
+/// Arena slots for N tables of E backends, plus room for 64 tables being swapped.
+pub fn maglev_slots(n: usize, endpoints: usize) -> u64 {
+    let chunks = weir_agent::arena::chunks_for(weir_agent::maglev::table_size(endpoints));
+    (n as u64 + 64) * u64::from(chunks) * u64::from(weir_common::TABLE_CHUNK_SLOTS)
 }
 
 /// `took_us` of every `synced` line of an agent log, in order.
@@ -396,16 +404,15 @@ fn proc_status_mb(pid: u32, field: &str) -> Option<f64> {
 
 fn agent_maps(pid: u32, bpffs: &Path) -> anyhow::Result<AgentMaps> {
     let fd_maps = sys::process_maps(pid)?;
-    let outer = aya::maps::MapData::from_pin(bpffs.join(weir_common::MAP_MAGLEV))
-        .context("opening the pinned Maglev map")?;
-    let (tables_bytes, tables) = sys::inner_maps_memlock(std::os::fd::AsFd::as_fd(outer.fd()))?;
+    let (tables_bytes, tables) = sys::arena_tables(bpffs)?;
     let fd_maps_bytes = fd_maps.iter().map(|m| m.memlock).sum();
     Ok(AgentMaps {
         fd_maps_bytes,
         fd_maps: fd_maps.len(),
         tables_bytes,
         tables,
-        total_bytes: fd_maps_bytes + tables_bytes,
+        // The arena is one of the agent's map fds: the tables are inside its memlock.
+        total_bytes: fd_maps_bytes,
     })
 }
 

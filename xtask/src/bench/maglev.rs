@@ -1,16 +1,14 @@
 //! Maglev table builds with the agent's own `maglev::build` and `table_size`, and what a table costs in
 //! kernel memory (one `BPF_F_INNER_MAP | BPF_F_MMAPABLE` array of u32 backend ids per frontend).
 
-use std::os::fd::AsFd as _;
 use std::time::Instant;
 
-use aya::maps::{Array, IterableMap as _, MapData};
 use serde::{Deserialize, Serialize};
 use weir_agent::maglev;
-use weir_common::{DEFAULT_BACKENDS_MAX, MAGLEV_TABLE_FLAGS};
+use weir_common::{DEFAULT_BACKENDS_MAX, TableChunk};
 
+use super::Progress;
 use super::stats::Spread;
-use super::{Progress, sys};
 
 /// The classic Maglev table size (the paper's example, and the target's).
 pub const PAPER_SIZE: u32 = 65_537;
@@ -62,10 +60,9 @@ fn members(n: usize) -> Vec<(Vec<u8>, u32)> {
         .collect()
 }
 
-/// memlock of a real Maglev table map of `slots` slots.
-fn table_memlock(slots: u32) -> anyhow::Result<u64> {
-    let table = Array::<MapData, u32>::create(slots, MAGLEV_TABLE_FLAGS)?;
-    Ok(sys::own_map_mem(table.map().fd().as_fd())?.memlock)
+/// Arena bytes a table of `slots` slots occupies: whole chunks of 4-byte slots.
+fn table_bytes(slots: u32) -> u64 {
+    u64::from(weir_agent::arena::chunks_for(slots)) * std::mem::size_of::<TableChunk>() as u64
 }
 
 pub fn run(plan: &Plan, progress: &Progress) -> anyhow::Result<MaglevResults> {
@@ -102,14 +99,9 @@ pub fn run(plan: &Plan, progress: &Progress) -> anyhow::Result<MaglevResults> {
                 balanced &= table.len() == slots as usize
                     && counts[1..].iter().all(|c| *c == lo || *c == hi);
             }
-            let (table_bytes, measured) = if kind == "largest" {
-                (u64::from(slots) * 8, false)
-            } else {
-                match table_memlock(slots) {
-                    Ok(b) => (b, true),
-                    Err(_) => (u64::from(slots) * 8, false),
-                }
-            };
+            // Computed from the arena's layout (the arena is one preallocated map, so there is no
+            // per-table map to measure).
+            let (table_bytes, measured) = (table_bytes(slots), false);
             let build = Build {
                 backends: n,
                 size_kind: kind.to_owned(),

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail, ensure};
-use aya::maps::{Array, HashMap as BpfHashMap, HashOfMaps, Map, MapData};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use serde::{Deserialize, Serialize};
 use weir_agent::datapath::{Capacities, Datapath, Maps, StatsReader};
 use weir_agent::model::{DesiredCache, NodeContext, Snapshot};
@@ -30,9 +30,9 @@ use weir_agent::reconcile::{Adopted, Reconciler};
 use weir_agent::standalone::ConfigDir;
 use weir_common::{
     Backend, CT_FORWARD, CT_REVERSE, CtKey, CtValue, DEFAULT_AFFINITY_MAX, DEFAULT_CONNTRACK_MAX,
-    MAGLEV_TABLE_FLAGS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_SERVICE_STATS, MAP_SERVICES,
-    MAP_STATS, PROG_POD_INGRESS, PROTO_TCP, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_NAMES,
-    STAT_PASS_NOT_SERVICE, STAT_REVERSE_NAT,
+    MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS,
+    PROG_POD_INGRESS, PROTO_TCP, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_NAMES,
+    STAT_PASS_NOT_SERVICE, STAT_REVERSE_NAT, TABLE_CHUNK_SLOTS,
 };
 
 use super::scenario::{self, SERVICE_PORT, ServiceDef};
@@ -159,6 +159,9 @@ pub struct InProcessChange {
     pub table_delete_ms: Option<Spread>,
 }
 
+/// Endpoints of the service the in-process change experiment changes.
+const CHANGED_ENDPOINTS: usize = 10;
+
 /// The program under test and its maps.
 struct Rig {
     _datapath: Datapath,
@@ -199,7 +202,12 @@ impl Rig {
         let caps = Capacities {
             services,
             backends: capacity(max_backends),
-            maglev_tables: services + 1024,
+            // Tables of one endpoint, plus room for the change experiment's bigger tables.
+            maglev_chunks: u32::try_from(
+                super::e2e::maglev_slots(max_services, 1) / u64::from(TABLE_CHUNK_SLOTS)
+                    + super::e2e::maglev_slots(64, CHANGED_ENDPOINTS)
+                        / u64::from(TABLE_CHUNK_SLOTS),
+            )?,
             affinity: DEFAULT_AFFINITY_MAX,
             conntrack: DEFAULT_CONNTRACK_MAX,
         };
@@ -273,13 +281,12 @@ impl Rig {
             let map = self.pinned(name)?;
             let m = sys::own_map_mem(map.fd().as_fd())?;
             mem.maps.insert(name.to_owned(), m.memlock);
-            if name == MAP_MAGLEV {
-                let (bytes, count) = sys::inner_maps_memlock(map.fd().as_fd())?;
-                mem.tables = count;
-                mem.tables_bytes = bytes;
-            }
         }
-        mem.total_bytes = mem.maps.values().sum::<u64>() + mem.tables_bytes;
+        let (bytes, count) = sys::arena_tables(&self.pin_dir)?;
+        mem.tables = count;
+        mem.tables_bytes = bytes;
+        // The arena (`MAP_MAGLEV`) is preallocated: the tables are inside its memlock.
+        mem.total_bytes = mem.maps.values().sum::<u64>();
         Ok(mem)
     }
 }
@@ -932,7 +939,6 @@ fn slice_change(
     changes: usize,
     progress: &Progress,
 ) -> anyhow::Result<InProcessChange> {
-    const ENDPOINTS: usize = 10;
     let slice_id = probe.slice_id();
     let original = rig
         .snapshot
@@ -945,7 +951,7 @@ fn slice_change(
         .first()
         .cloned()
         .context("the probe service has no endpoint")?;
-    let mut endpoints: Vec<_> = (0..ENDPOINTS)
+    let mut endpoints: Vec<_> = (0..CHANGED_ENDPOINTS)
         .map(|j| {
             let mut ep = template.clone();
             ep.ip = Ipv4Addr::new(10, 250, 0, 1 + j as u8);
@@ -965,7 +971,7 @@ fn slice_change(
     let front = SocketAddrV4::new(probe.vip, SERVICE_PORT);
     for c in 0..changes {
         let fresh = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 251, 0, 1)) + c as u32);
-        endpoints[c % ENDPOINTS].ip = fresh;
+        endpoints[c % CHANGED_ENDPOINTS].ip = fresh;
         set(rig, &endpoints);
         let t = Instant::now();
         let (desired, _) = rig.cache.update(&rig.snapshot, &NodeContext::default());
@@ -990,13 +996,12 @@ fn slice_change(
     // Back to the catalog's endpoints for the next N.
     set(rig, &original.endpoints);
     rig.sync()?;
-    let (table_insert_ms, table_delete_ms) = table_swap_cost(rig, changes.clamp(3, 20))?;
     serve_us.sort_by(f64::total_cmp);
     let mut sorted_sync = sync_us.clone();
     sorted_sync.sort_by(f64::total_cmp);
     let result = InProcessChange {
         services: rig.snapshot.services.len(),
-        endpoints_of_changed: ENDPOINTS,
+        endpoints_of_changed: CHANGED_ENDPOINTS,
         changes,
         sync_us: Spread::of(&sync_us),
         sync_p99_us: percentile_sorted(&sorted_sync, 0.99),
@@ -1004,35 +1009,14 @@ fn slice_change(
         serve_p99_us: percentile_sorted(&serve_us, 0.99),
         serve_max_us: serve_us.last().copied().unwrap_or(f64::NAN),
         failures,
-        table_insert_ms,
-        table_delete_ms,
+        table_insert_ms: None,
+        table_delete_ms: None,
     };
     progress.note(&format!(
         "in-process EndpointSlice change at N={}: serving p50 {:.0} µs, p99 {:.0} µs ({changes} changes)",
         result.services, result.serve_p50_us, result.serve_p99_us
     ));
     Ok(result)
-}
-
-/// What one Maglev table costs to swap in and out of the pinned outer map, syscall by syscall (a table
-/// id far above what the reconciler allocates).
-fn table_swap_cost(rig: &Rig, times: usize) -> anyhow::Result<(Option<Spread>, Option<Spread>)> {
-    const SCRATCH_ID: u32 = 0xffff_fff0;
-    let mut outer: HashOfMaps<MapData, u32, Array<MapData, u32>> =
-        HashOfMaps::try_from(Map::from_map_data(rig.pinned(MAP_MAGLEV)?)?)?;
-    let slots = weir_agent::maglev::table_size(10);
-    let (mut insert, mut delete) = (Vec::new(), Vec::new());
-    for _ in 0..times {
-        let table = Array::<MapData, u32>::create(slots, MAGLEV_TABLE_FLAGS)?;
-        let t = Instant::now();
-        outer.insert(SCRATCH_ID, &table, 0)?;
-        insert.push(t.elapsed().as_secs_f64() * 1e3);
-        drop(table);
-        let t = Instant::now();
-        outer.remove(&SCRATCH_ID)?;
-        delete.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok((Spread::of(&insert), Spread::of(&delete)))
 }
 
 #[cfg(test)]

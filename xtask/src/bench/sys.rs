@@ -1,18 +1,15 @@
 //! The few bpf(2) calls the bench makes itself: loading a two-instruction empty classifier (the baseline
 //! every per-packet figure is measured against), `BPF_PROG_TEST_RUN` on any program fd (the same code
-//! path for Weir's program and the empty one), walking a hash-of-maps to reach its inner maps, and the
-//! kernel's memory accounting (`memlock` in fdinfo).
+//! path for Weir's program and the empty one), clearing maps, and the kernel's memory accounting (`memlock` in fdinfo).
 
 use std::ffi::c_void;
 use std::io;
 use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 
 /// `bpf(cmd, attr, sizeof(attr))`; the kernel zero-extends an attr shorter than its own.
@@ -141,29 +138,6 @@ struct MapElemAttr {
     flags: u64,
 }
 
-/// The inner map ids of a hash-of-maps with u32 keys (a userspace lookup returns the id).
-pub fn inner_map_ids(outer: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
-    let keys = u32_keys(outer)?;
-    let mut ids = Vec::with_capacity(keys.len());
-    for key in keys {
-        let mut id = 0u32;
-        let mut attr = MapElemAttr {
-            map_fd: outer.as_raw_fd() as u32,
-            _pad: 0,
-            key: std::ptr::from_ref(&key) as u64,
-            value: std::ptr::from_mut(&mut id) as u64,
-            flags: 0,
-        };
-        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-            Ok(_) => ids.push(id),
-            // Deleted between the key walk and the lookup.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(ids)
-}
-
 /// Every key of a map whose keys are `K` (plain data), by `BPF_MAP_GET_NEXT_KEY`.
 fn keys<K: Copy>(map: BorrowedFd<'_>, zero: K) -> io::Result<Vec<K>> {
     let mut out = Vec::new();
@@ -188,10 +162,6 @@ fn keys<K: Copy>(map: BorrowedFd<'_>, zero: K) -> io::Result<Vec<K>> {
     }
 }
 
-fn u32_keys(map: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
-    keys(map, 0u32)
-}
-
 /// Deletes every entry of a hash map whose keys are `key_size` bytes (≤ 64); returns how many.
 pub fn clear_map(map: BorrowedFd<'_>, key_size: usize) -> io::Result<usize> {
     assert!(key_size <= 64, "key of {key_size} bytes");
@@ -211,25 +181,6 @@ pub fn clear_map(map: BorrowedFd<'_>, key_size: usize) -> io::Result<usize> {
         }
     }
     Ok(all.len())
-}
-
-#[repr(C)]
-struct GetFdByIdAttr {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
-}
-
-/// A new fd for the map with kernel id `id`.
-pub fn map_fd_by_id(id: u32) -> io::Result<OwnedFd> {
-    let mut attr = GetFdByIdAttr {
-        id,
-        next_id: 0,
-        open_flags: 0,
-    };
-    let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)?;
-    // SAFETY: BPF_MAP_GET_FD_BY_ID returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// One bpf map seen through an fd: its id and the kernel's `memlock` accounting (bytes).
@@ -277,22 +228,31 @@ pub fn process_maps(pid: u32) -> io::Result<Vec<MapMem>> {
     Ok(maps)
 }
 
-/// Sum of `memlock` over the inner maps of a hash-of-maps, and how many there are.
-pub fn inner_maps_memlock(outer: BorrowedFd<'_>) -> io::Result<(u64, usize)> {
-    let ids = inner_map_ids(outer)?;
-    let mut total = 0;
-    let mut count = 0;
-    for id in ids {
-        match map_fd_by_id(id) {
-            Ok(fd) => {
-                total += own_map_mem(std::os::fd::AsFd::as_fd(&fd))?.memlock;
-                count += 1;
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+/// Bytes of the Maglev arena that frontends' tables occupy (whole chunks), and how many tables, from
+/// the pinned frontend map under `bpffs`. The arena itself is preallocated: its full size is in the
+/// memlock of its map fd.
+pub fn arena_tables(bpffs: &std::path::Path) -> anyhow::Result<(u64, usize)> {
+    use anyhow::Context as _;
+    use weir_common::{MAP_SERVICES, ServiceKey, ServiceValue, TableChunk};
+    let data = aya::maps::MapData::from_pin(bpffs.join(MAP_SERVICES))
+        .context("opening the pinned frontend map")?;
+    let services: aya::maps::HashMap<_, ServiceKey, ServiceValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    let mut bases = std::collections::BTreeMap::new();
+    for entry in services.iter() {
+        let (_, v) = entry.context("reading the frontend map")?;
+        if v.table_size > 0 {
+            bases.insert(v.table_base, v.table_size);
         }
     }
-    Ok((total, count))
+    let bytes = bases
+        .values()
+        .map(|&size| {
+            u64::from(weir_agent::arena::chunks_for(size))
+                * std::mem::size_of::<TableChunk>() as u64
+        })
+        .sum();
+    Ok((bytes, bases.len()))
 }
 
 #[cfg(test)]

@@ -137,10 +137,14 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             let backends = pinned.backends()?;
             let maglev = pinned.maglev()?;
             let names = names(cli);
-            let detail =
-                view::service_get(&selector, target, &services, &backends, &names, |id| {
-                    maglev.table(id)
-                })?;
+            let detail = view::service_get(
+                &selector,
+                target,
+                &services,
+                &backends,
+                &names,
+                |base, size| maglev.table(base, size),
+            )?;
             emit(cli.output, &detail, || detail.render())
         }
         Command::Conntrack(ConntrackCommand::List { limit }) => {

@@ -8,12 +8,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use aya::maps::{
-    Array, HashMap, HashOfMaps, Map, MapData, MapError, MapInfo, MapType, PerCpuArray,
-};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray};
 use weir_common::{
     Backend, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_STATS, ServiceKey, ServiceValue,
+    MAP_SERVICES, MAP_STATS, ServiceKey, ServiceValue, TABLE_CHUNK_SLOTS, TableChunk,
 };
 
 use crate::view::MapFill;
@@ -103,10 +101,10 @@ impl Pinned {
         Ok(collect_entries(&map, MAP_BACKENDS)?.into_iter().collect())
     }
 
-    /// A reader of Maglev tables by table id.
+    /// A reader of Maglev tables in the slot arena.
     pub fn maglev(&self) -> anyhow::Result<Maglev> {
         Ok(Maglev {
-            map: self.typed(MAP_MAGLEV, HashOfMaps::try_from)?,
+            map: self.typed(MAP_MAGLEV, Array::try_from)?,
         })
     }
 
@@ -213,28 +211,26 @@ fn fill_of(name: &str, data: &MapData) -> anyhow::Result<MapFill> {
     Ok(MapFill::new(name, &type_name(kind), entries, max))
 }
 
-/// One Maglev table reader; keeps the outer map open across lookups.
+/// One Maglev table reader; keeps the arena open across lookups.
 pub struct Maglev {
-    map: HashOfMaps<MapData, u32, Array<MapData, u32>>,
+    map: Array<MapData, TableChunk>,
 }
 
 impl Maglev {
-    /// The slots (backend ids) of table `table_id`.
-    pub fn table(&self, table_id: u32) -> anyhow::Result<Vec<u32>> {
-        let table = self.map.get(&table_id, 0).map_err(|e| {
-            let hint = if is_permission_error(&e) {
-                " (opening a table by id needs CAP_SYS_ADMIN)"
-            } else if matches!(e, MapError::KeyNotFound) {
-                " (replaced since the frontend was read? try again)"
-            } else {
-                ""
-            };
-            anyhow::Error::new(e).context(format!("table {table_id} in {MAP_MAGLEV}{hint}"))
-        })?;
-        table
-            .iter()
-            .collect::<Result<Vec<u32>, _>>()
-            .with_context(|| format!("reading table {table_id}"))
+    /// The `size` slots (backend ids) of the table starting at chunk `base`.
+    pub fn table(&self, base: u32, size: u32) -> anyhow::Result<Vec<u32>> {
+        let mut slots = Vec::with_capacity(size as usize);
+        let mut chunk = base;
+        while slots.len() < size as usize {
+            let c = self
+                .map
+                .get(&chunk, 0)
+                .with_context(|| format!("chunk {chunk} of the table at {base} in {MAP_MAGLEV}"))?;
+            let take = (size as usize - slots.len()).min(TABLE_CHUNK_SLOTS as usize);
+            slots.extend_from_slice(&c.slots[..take]);
+            chunk = chunk.checked_add(1).context("table runs past the arena")?;
+        }
+        Ok(slots)
     }
 }
 

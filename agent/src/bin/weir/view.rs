@@ -121,7 +121,7 @@ pub struct FrontendRow {
     pub frontend: String,
     pub backend_count: u32,
     /// `None` when the frontend rejects or drops instead of balancing.
-    pub table_id: Option<u32>,
+    pub table_base: Option<u32>,
     pub table_size: u32,
     /// No ready backend: TCP RST / ICMP port unreachable, like kube-proxy's REJECT.
     pub reject: bool,
@@ -144,7 +144,7 @@ impl FrontendRow {
             port,
             protocol,
             backend_count: value.backend_count,
-            table_id: (!reject && !drop).then_some(value.table_id),
+            table_base: (!reject && !drop).then_some(value.table_base),
             table_size: value.table_size,
             reject,
             drop,
@@ -152,8 +152,8 @@ impl FrontendRow {
     }
 
     fn table_cell(&self) -> String {
-        match self.table_id {
-            Some(id) => format!("{id}/{}", self.table_size),
+        match self.table_base {
+            Some(base) => format!("{base}/{}", self.table_size),
             None if self.drop => "drop".to_owned(),
             None => "reject".to_owned(),
         }
@@ -315,7 +315,7 @@ pub fn slot_shares(slots: &[u32], backends: &BTreeMap<u32, Backend>) -> Vec<Back
         .collect()
 }
 
-/// Builds `weir service get`. `read_table` reads one Maglev table (slot → backend id) by table id; its
+/// Builds `weir service get`. `read_table` reads one Maglev table (slot → backend id) by base chunk and size; its
 /// failure is reported on that frontend, not for the whole command.
 pub fn service_get(
     selector: &Selector,
@@ -323,7 +323,7 @@ pub fn service_get(
     services: &[(ServiceKey, ServiceValue)],
     backends: &BTreeMap<u32, Backend>,
     names: &Names,
-    mut read_table: impl FnMut(u32) -> anyhow::Result<Vec<u32>>,
+    mut read_table: impl FnMut(u32, u32) -> anyhow::Result<Vec<u32>>,
 ) -> anyhow::Result<ServiceDetail> {
     let programmed: HashMap<FrontendAddr, (&ServiceKey, &ServiceValue)> = services
         .iter()
@@ -383,7 +383,7 @@ pub fn service_get(
                     port,
                     protocol,
                     backend_count: 0,
-                    table_id: None,
+                    table_base: None,
                     table_size: 0,
                     reject: false,
                     drop: false,
@@ -396,9 +396,9 @@ pub fn service_get(
             continue;
         };
         let row = FrontendRow::new(key, value, names);
-        let (shares, slots_read, error) = match row.table_id {
+        let (shares, slots_read, error) = match row.table_base {
             None => (Vec::new(), 0, None),
-            Some(id) => match read_table(id) {
+            Some(base) => match read_table(base, row.table_size) {
                 Ok(slots) => (slot_shares(&slots, backends), slots.len() as u64, None),
                 Err(e) => (Vec::new(), 0, Some(format!("{e:#}"))),
             },
@@ -440,8 +440,8 @@ impl ServiceDetail {
                 "drops: no endpoint on this node (traffic policy Local)".to_owned()
             } else {
                 format!(
-                    "table {}, {} slots, {} backends",
-                    r.table_id.unwrap_or_default(),
+                    "table at chunk {}, {} slots, {} backends",
+                    r.table_base.unwrap_or_default(),
                     r.table_size,
                     r.backend_count
                 )
@@ -703,10 +703,10 @@ mod tests {
         k
     }
 
-    fn value(table_id: u32, table_size: u32, backend_count: u32, flags: u32) -> ServiceValue {
+    fn value(table_base: u32, table_size: u32, backend_count: u32, flags: u32) -> ServiceValue {
         let mut v: ServiceValue = zeroed();
-        (v.table_id, v.table_size, v.backend_count, v.flags) =
-            (table_id, table_size, backend_count, flags);
+        (v.table_base, v.table_size, v.backend_count, v.flags) =
+            (table_base, table_size, backend_count, flags);
         v
     }
 
@@ -723,7 +723,7 @@ mod tests {
             .map(|(service, port_name, ip, port, protocol)| {
                 serde_json::json!({
                     "service": service, "port_name": port_name, "ip": ip, "port": port,
-                    "protocol": protocol, "backends": [], "table_id": null, "table_size": 0,
+                    "protocol": protocol, "backends": [], "table_base": null, "table_size": 0,
                 })
             })
             .collect();
@@ -800,7 +800,7 @@ mod tests {
         assert_eq!(json["frontends"][0]["ip"], "10.96.0.10");
         assert_eq!(json["frontends"][2]["frontend"], "10.96.0.20:80/TCP");
         assert_eq!(json["frontends"][2]["reject"], true);
-        assert_eq!(json["frontends"][2]["table_id"], serde_json::Value::Null);
+        assert_eq!(json["frontends"][2]["table_base"], serde_json::Value::Null);
     }
 
     #[test]
@@ -811,7 +811,10 @@ mod tests {
         )];
         let list = service_list(&services, &Names::new(None));
         let row = &list.frontends[0];
-        assert!(row.drop && !row.reject && row.table_id.is_none(), "{row:?}");
+        assert!(
+            row.drop && !row.reject && row.table_base.is_none(),
+            "{row:?}"
+        );
         assert!(
             list.render()
                 .contains("192.168.1.5:30080/TCP   0          drop\n")
@@ -822,7 +825,7 @@ mod tests {
             &services,
             &BTreeMap::new(),
             &Names::new(None),
-            |_| panic!("a dropping frontend has no table to read"),
+            |_, _| panic!("a dropping frontend has no table to read"),
         )
         .unwrap();
         assert!(detail.render().contains("drops: no endpoint on this node"));
@@ -916,7 +919,7 @@ mod tests {
             &services(),
             &backends,
             &names,
-            |id| {
+            |id, _| {
                 asked.push(id);
                 if id == 2 {
                     bail!("table 2 vanished");
@@ -955,7 +958,7 @@ mod tests {
         let text = detail.render();
         assert!(
             text.contains(
-                "10.96.0.10:80/TCP (default/echo, port tcp): table 1, 7 slots, 2 backends"
+                "10.96.0.10:80/TCP (default/echo, port tcp): table at chunk 1, 7 slots, 2 backends"
             ),
             "{text}"
         );
@@ -975,7 +978,7 @@ mod tests {
             &services(),
             &BTreeMap::new(),
             &names,
-            |_| panic!("a rejecting frontend has no table to read"),
+            |_, _| panic!("a rejecting frontend has no table to read"),
         )
         .unwrap();
         assert_eq!(detail.frontends.len(), 1);
@@ -988,7 +991,7 @@ mod tests {
             &services(),
             &BTreeMap::new(),
             &names,
-            |_| Ok(Vec::new()),
+            |_, _| Ok(Vec::new()),
         )
         .unwrap_err();
         assert!(
@@ -1001,7 +1004,7 @@ mod tests {
             &services(),
             &BTreeMap::new(),
             &names,
-            |_| Ok(Vec::new()),
+            |_, _| Ok(Vec::new()),
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "no frontend 10.1.1.1:1 in WEIR_SERVICES");
