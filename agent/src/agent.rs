@@ -19,7 +19,10 @@ use crate::{
     health_check::HealthCheckServers,
     http::{self, Endpoint},
     kube_source,
-    l7::{L7Proxy, LocalAddr, ProxyConfig, RouteTable, ServiceDirectory},
+    l7::{
+        L7Proxy, LocalAddr, ProxyConfig, RouteTable, ServiceDirectory,
+        fault::{self, FaultObjects},
+    },
     l7_steering,
     links::{self, LinkEvent},
     metrics::Metrics,
@@ -168,6 +171,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut health_checks = HealthCheckServers::default();
 
     let (update_tx, mut update_rx) = watch::channel::<Option<SourceUpdate>>(None);
+    // HTTPFaultInjection objects: they only shape the L7 route table, so they travel apart from the
+    // snapshot; a change re-syncs.
+    let (faults_tx, mut faults_rx) = watch::channel(FaultObjects::new());
+    let mut l7_state = L7State {
+        proxy: proxy.clone(),
+        faults: FaultObjects::new(),
+        reported: Default::default(),
+    };
     let config_errors = metrics.config_errors.clone();
     let count = move |n: usize| {
         config_errors.inc_by(n as u64);
@@ -176,7 +187,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Source::Dir(dir) => {
             info!(dir = %dir.display(), "standalone mode");
             tokio::spawn(async move {
-                if let Err(e) = standalone::watch_dir(dir, update_tx, count).await {
+                if let Err(e) = standalone::watch_dir(dir, update_tx, faults_tx, count).await {
                     error!("config source stopped: {e:#}");
                 }
             });
@@ -187,7 +198,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 kube::Client::try_from(*config).context("building the Kubernetes client")?;
             let node = node_name.clone();
             tokio::spawn(async move {
-                if let Err(e) = kube_source::run(client, node, update_tx, count).await {
+                if let Err(e) = kube_source::run(client, node, update_tx, faults_tx, count).await {
                     error!("kubernetes source stopped: {e:#}");
                 }
             });
@@ -238,12 +249,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     sync_at = Some(sync_at.map_or(earliest, |t| t.min(earliest)));
                 }
             }
+            changed = faults_rx.changed() => {
+                if changed.is_err() {
+                    faults_rx = watch::channel(FaultObjects::new()).1;
+                    continue;
+                }
+                l7_state.faults = faults_rx.borrow_and_update().clone();
+                if update.is_some() {
+                    let earliest = last_sync
+                        .map_or_else(tokio::time::Instant::now, |t| t + args.min_sync_period);
+                    sync_at = Some(sync_at.map_or(earliest, |t| t.min(earliest)));
+                }
+            }
             () = due => {
                 sync_at = None;
                 if let Some(u) = &update {
                     let node = node_context(&args, &node_name, &startup_ips, u.snapshot.node.as_ref());
                     health_checks.sync(model::health_checks(&u.snapshot, &node), &metrics).await;
-                    let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache, &node, &proxy);
+                    let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache, &node, &mut l7_state);
                     last_sync = Some(tokio::time::Instant::now());
                     first_sync_done = true;
                     metrics.set_synced(first_sync_done && links_ready);
@@ -335,17 +358,34 @@ fn node_context(
     }
 }
 
+/// What the L7 side keeps between syncs: the fault objects from the source and the problems already
+/// logged (each is logged once, not at every sync).
+struct L7State {
+    proxy: L7Proxy,
+    faults: FaultObjects,
+    reported: std::collections::BTreeSet<String>,
+}
+
+impl L7State {
+    fn report(&mut self, problems: std::collections::BTreeSet<String>) {
+        for p in problems.difference(&self.reported) {
+            warn!("{p}");
+        }
+        self.reported = problems;
+    }
+}
+
 /// Frontends of Service ports with an HTTPRoute go to the L7 proxy; the proxy gets the routes and the
 /// endpoints the L4 side computed (same readiness, policies, topology).
 fn steer_routed_frontends(
     snapshot: &model::Snapshot,
     desired: &mut model::Desired,
-    proxy: &L7Proxy,
+    l7: &mut L7State,
 ) {
-    let (table, problems) = RouteTable::from_k8s(snapshot.http_routes.values());
-    for p in &problems {
-        warn!("HTTPRoute {p}");
-    }
+    let (faults, mut problems) = fault::validate_all(l7.faults.values());
+    let (table, route_problems) = RouteTable::from_k8s_with(snapshot.http_routes.values(), &faults);
+    problems.extend(route_problems.iter().map(|p| format!("HTTPRoute {p}")));
+    l7.report(problems.into_iter().collect());
     let directory = ServiceDirectory::from_model(&snapshot.services, desired);
     for addr in table.steered_frontends(&directory) {
         let std::net::SocketAddr::V4(v4) = addr else {
@@ -360,8 +400,8 @@ fn steer_routed_frontends(
             state.l7 = true;
         }
     }
-    proxy.set_routes(table);
-    proxy.set_directory(directory);
+    l7.proxy.set_routes(table);
+    l7.proxy.set_directory(directory);
 }
 
 /// One sync; returns whether some map operation failed (and a retry is due).
@@ -372,12 +412,12 @@ fn sync(
     caps: &Capacities,
     cache: &mut DesiredCache,
     node: &NodeContext,
-    proxy: &L7Proxy,
+    l7: &mut L7State,
 ) -> bool {
     let snapshot = &update.snapshot;
     let started = Instant::now();
     let (mut desired, recomputed) = cache.update(snapshot, node);
-    steer_routed_frontends(snapshot, &mut desired, proxy);
+    steer_routed_frontends(snapshot, &mut desired, l7);
     let report = reconciler.sync(&desired);
     let elapsed = started.elapsed();
     metrics.sync_duration.observe(elapsed.as_secs_f64());

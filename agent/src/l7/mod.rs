@@ -44,6 +44,7 @@
 pub mod balance;
 pub mod body;
 pub mod directory;
+pub mod fault;
 pub mod filters;
 pub mod metrics;
 pub mod proxy;
