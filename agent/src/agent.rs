@@ -22,6 +22,8 @@ use crate::{
     l7::{
         L7Proxy, LocalAddr, ProxyConfig, RouteTable, ServiceDirectory,
         fault::{self, FaultObjects},
+        status::{self, RouteStatus},
+        status_writer,
     },
     l7_steering,
     links::{self, LinkEvent},
@@ -174,10 +176,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // HTTPFaultInjection objects: they only shape the L7 route table, so they travel apart from the
     // snapshot; a change re-syncs.
     let (faults_tx, mut faults_rx) = watch::channel(FaultObjects::new());
+    // Route status: computed at every sync, written to the API server in Kubernetes mode.
+    let (status_tx, status_rx) = watch::channel(Vec::new());
     let mut l7_state = L7State {
         proxy: proxy.clone(),
         faults: FaultObjects::new(),
         reported: Default::default(),
+        statuses: status_tx,
     };
     let config_errors = metrics.config_errors.clone();
     let count = move |n: usize| {
@@ -197,6 +202,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let client =
                 kube::Client::try_from(*config).context("building the Kubernetes client")?;
             let node = node_name.clone();
+            tokio::spawn(status_writer::run(client.clone(), status_rx));
             tokio::spawn(async move {
                 if let Err(e) = kube_source::run(client, node, update_tx, faults_tx, count).await {
                     error!("kubernetes source stopped: {e:#}");
@@ -364,6 +370,8 @@ struct L7State {
     proxy: L7Proxy,
     faults: FaultObjects,
     reported: std::collections::BTreeSet<String>,
+    /// The latest route statuses (the Kubernetes writer follows it).
+    statuses: watch::Sender<Vec<RouteStatus>>,
 }
 
 impl L7State {
@@ -384,6 +392,26 @@ fn steer_routed_frontends(
 ) {
     let (faults, mut problems) = fault::validate_all(l7.faults.values());
     let (table, route_problems) = RouteTable::from_k8s_with(snapshot.http_routes.values(), &faults);
+    let statuses = status::compute(&snapshot.http_routes, &snapshot.services, &faults);
+    l7.statuses.send_if_modified(|current| {
+        if *current == statuses {
+            return false;
+        }
+        // The same conditions Kubernetes mode writes, in the log (once per change) and on /state.
+        for s in statuses.iter().filter(|s| !current.contains(s)) {
+            let all_true = s
+                .parents
+                .iter()
+                .all(|p| p.conditions.iter().all(|c| c.is_true()));
+            if all_true {
+                info!("{s}");
+            } else {
+                warn!("{s}");
+            }
+        }
+        *current = statuses;
+        true
+    });
     problems.extend(route_problems.iter().map(|p| format!("HTTPRoute {p}")));
     l7.report(problems.into_iter().collect());
     let directory = ServiceDirectory::from_model(&snapshot.services, desired);
@@ -475,7 +503,11 @@ fn sync(
             }
         })
         .collect();
-    metrics.update_state(|s| s.frontends = frontends);
+    let routes = l7.statuses.borrow().clone();
+    metrics.update_state(|s| {
+        s.frontends = frontends;
+        s.routes = routes;
+    });
 
     info!(
         frontends = desired.frontends.len(),

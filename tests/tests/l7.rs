@@ -731,7 +731,7 @@ fn httproute_timeouts_and_error_statuses_follow_the_spec() {
             ),
         ],
     );
-    let (l, _agent) = echo_lab(&lab, &[("route.yaml", route)]);
+    let (l, agent) = echo_lab(&lab, &[("route.yaml", route)]);
     wait_routed(&l.client, &Req::get("/ok"));
     let c = &l.client;
 
@@ -782,6 +782,44 @@ fn httproute_timeouts_and_error_statuses_follow_the_spec() {
         }
     }
     println!("/e/half: {ok} answered, {failed} got 500");
+
+    // Standalone mode serves the route's status on /state (and logs it): accepted, with a reference
+    // that does not resolve (the ConfigMap backend comes first).
+    let state = lab
+        .in_node(|| {
+            weir_tests::client::http_get(
+                SocketAddr::from(([127, 0, 0, 1], 10249)),
+                "/state",
+                Duration::from_secs(2),
+            )
+        })
+        .expect("netns")
+        .expect("/state");
+    let state: weir_agent::state::AgentState =
+        serde_json::from_str(&state.body).expect("state JSON");
+    let route = state
+        .routes
+        .iter()
+        .find(|r| r.route == "default/errors")
+        .unwrap_or_else(|| panic!("no status for default/errors: {:?}", state.routes));
+    let conditions: Vec<(&str, &str, &str)> = route.parents[0]
+        .conditions
+        .iter()
+        .map(|c| (c.kind.as_str(), c.status.as_str(), c.reason.as_str()))
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            ("Accepted", "True", "Accepted"),
+            ("ResolvedRefs", "False", "InvalidKind")
+        ]
+    );
+    assert!(
+        agent
+            .log()
+            .contains("HTTPRoute default/errors: parent Service web: Accepted=True"),
+        "the status is logged"
+    );
     assert!(
         (120..=180).contains(&failed),
         "{failed} of 300 got 500 (half the weight is invalid)"

@@ -49,6 +49,8 @@ pub mod filters;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod status;
+pub mod status_writer;
 pub mod table;
 
 pub use directory::{ServiceDirectory, ServiceFrontend};
