@@ -20,7 +20,12 @@ use crate::{
     health_check::HealthCheckServers,
     http::{self, Endpoint},
     kube_source,
-    l7::{L7Proxy, LocalAddr, ProxyConfig, RouteTable, ServiceDirectory},
+    l7::{
+        L7Proxy, LocalAddr, ProxyConfig, RouteTable, ServiceDirectory,
+        fault::{self, FaultObjects},
+        status::{self, RouteStatus},
+        status_writer,
+    },
     l7_steering,
     links::{self, LinkEvent},
     metrics::Metrics,
@@ -170,6 +175,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut health_checks = HealthCheckServers::default();
 
     let (update_tx, mut update_rx) = watch::channel::<Option<SourceUpdate>>(None);
+    // HTTPFaultInjection objects: they only shape the L7 route table, so they travel apart from the
+    // snapshot; a change re-syncs.
+    let (faults_tx, mut faults_rx) = watch::channel(FaultObjects::new());
+    // Route status: computed at every sync, written to the API server in Kubernetes mode.
+    let (status_tx, status_rx) = watch::channel(Vec::new());
+    let mut l7_state = L7State {
+        proxy: proxy.clone(),
+        faults: FaultObjects::new(),
+        reported: Default::default(),
+        statuses: status_tx,
+    };
     let config_errors = metrics.config_errors.clone();
     let count = move |n: usize| {
         config_errors.inc_by(n as u64);
@@ -178,7 +194,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Source::Dir(dir) => {
             info!(dir = %dir.display(), "standalone mode");
             tokio::spawn(async move {
-                if let Err(e) = standalone::watch_dir(dir, update_tx, count).await {
+                if let Err(e) = standalone::watch_dir(dir, update_tx, faults_tx, count).await {
                     error!("config source stopped: {e:#}");
                 }
             });
@@ -188,8 +204,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let client =
                 kube::Client::try_from(*config).context("building the Kubernetes client")?;
             let node = node_name.clone();
+            tokio::spawn(status_writer::run(client.clone(), status_rx));
             tokio::spawn(async move {
-                if let Err(e) = kube_source::run(client, node, update_tx, count).await {
+                if let Err(e) = kube_source::run(client, node, update_tx, faults_tx, count).await {
                     error!("kubernetes source stopped: {e:#}");
                 }
             });
@@ -240,12 +257,24 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     sync_at = Some(sync_at.map_or(earliest, |t| t.min(earliest)));
                 }
             }
+            changed = faults_rx.changed() => {
+                if changed.is_err() {
+                    faults_rx = watch::channel(FaultObjects::new()).1;
+                    continue;
+                }
+                l7_state.faults = faults_rx.borrow_and_update().clone();
+                if update.is_some() {
+                    let earliest = last_sync
+                        .map_or_else(tokio::time::Instant::now, |t| t + args.min_sync_period);
+                    sync_at = Some(sync_at.map_or(earliest, |t| t.min(earliest)));
+                }
+            }
             () = due => {
                 sync_at = None;
                 if let Some(u) = &update {
                     let node = node_context(&args, &node_name, &startup_ips, u.snapshot.node.as_ref());
                     health_checks.sync(model::health_checks(&u.snapshot, &node), &metrics).await;
-                    let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache, &node, &proxy);
+                    let errors = sync(&mut reconciler, u, &metrics, &caps, &mut desired_cache, &node, &mut l7_state);
                     last_sync = Some(tokio::time::Instant::now());
                     first_sync_done = true;
                     metrics.set_synced(first_sync_done && links_ready);
@@ -337,17 +366,56 @@ fn node_context(
     }
 }
 
+/// What the L7 side keeps between syncs: the fault objects from the source and the problems already
+/// logged (each is logged once, not at every sync).
+struct L7State {
+    proxy: L7Proxy,
+    faults: FaultObjects,
+    reported: std::collections::BTreeSet<String>,
+    /// The latest route statuses (the Kubernetes writer follows it).
+    statuses: watch::Sender<Vec<RouteStatus>>,
+}
+
+impl L7State {
+    fn report(&mut self, problems: std::collections::BTreeSet<String>) {
+        for p in problems.difference(&self.reported) {
+            warn!("{p}");
+        }
+        self.reported = problems;
+    }
+}
+
 /// Frontends of Service ports with an HTTPRoute go to the L7 proxy; the proxy gets the routes and the
 /// endpoints the L4 side computed (same readiness, policies, topology).
 fn steer_routed_frontends(
     snapshot: &model::Snapshot,
     desired: &mut model::Desired,
-    proxy: &L7Proxy,
+    l7: &mut L7State,
 ) {
-    let (table, problems) = RouteTable::from_k8s(snapshot.http_routes.values());
-    for p in &problems {
-        warn!("HTTPRoute {p}");
-    }
+    let (faults, mut problems) = fault::validate_all(l7.faults.values());
+    let (table, route_problems) = RouteTable::from_k8s_with(snapshot.http_routes.values(), &faults);
+    let statuses = status::compute(&snapshot.http_routes, &snapshot.services, &faults);
+    l7.statuses.send_if_modified(|current| {
+        if *current == statuses {
+            return false;
+        }
+        // The same conditions Kubernetes mode writes, in the log (once per change) and on /state.
+        for s in statuses.iter().filter(|s| !current.contains(s)) {
+            let all_true = s
+                .parents
+                .iter()
+                .all(|p| p.conditions.iter().all(|c| c.is_true()));
+            if all_true {
+                info!("{s}");
+            } else {
+                warn!("{s}");
+            }
+        }
+        *current = statuses;
+        true
+    });
+    problems.extend(route_problems.iter().map(|p| format!("HTTPRoute {p}")));
+    l7.report(problems.into_iter().collect());
     let directory = ServiceDirectory::from_model(&snapshot.services, desired);
     for addr in table.steered_frontends(&directory) {
         let std::net::SocketAddr::V4(v4) = addr else {
@@ -362,8 +430,8 @@ fn steer_routed_frontends(
             state.l7 = true;
         }
     }
-    proxy.set_routes(table);
-    proxy.set_directory(directory);
+    l7.proxy.set_routes(table);
+    l7.proxy.set_directory(directory);
 }
 
 /// One sync; returns whether some map operation failed (and a retry is due).
@@ -374,12 +442,12 @@ fn sync(
     caps: &Capacities,
     cache: &mut DesiredCache,
     node: &NodeContext,
-    proxy: &L7Proxy,
+    l7: &mut L7State,
 ) -> bool {
     let snapshot = &update.snapshot;
     let started = Instant::now();
     let (mut desired, recomputed) = cache.update(snapshot, node);
-    steer_routed_frontends(snapshot, &mut desired, proxy);
+    steer_routed_frontends(snapshot, &mut desired, l7);
     let report = reconciler.sync(&desired);
     let elapsed = started.elapsed();
     metrics.sync_duration.observe(elapsed.as_secs_f64());
@@ -437,7 +505,11 @@ fn sync(
             }
         })
         .collect();
-    metrics.update_state(|s| s.frontends = frontends);
+    let routes = l7.statuses.borrow().clone();
+    metrics.update_state(|s| {
+        s.frontends = frontends;
+        s.routes = routes;
+    });
 
     info!(
         frontends = desired.frontends.len(),

@@ -39,6 +39,12 @@ pub const RBAC_RULES: &[AccessRule] = &[
         resource: "httproutes/status",
         verbs: &["get", "patch", "update"],
     },
+    // Fault injection for HTTPRoute rules (ExtensionRef filters), Weir's own CRD.
+    AccessRule {
+        api_group: "weir.dev",
+        resource: "httpfaultinjections",
+        verbs: READ,
+    },
 ];
 
 use std::{
@@ -65,7 +71,10 @@ use kube::{
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::model::{FieldError, NodeInfo, NsName, ServiceSpec, SliceSpec, Snapshot, SourceUpdate};
+use crate::{
+    l7::fault::{FaultObjects, HttpFaultInjection},
+    model::{FieldError, NodeInfo, NsName, ServiceSpec, SliceSpec, Snapshot, SourceUpdate},
+};
 
 /// Label carrying the node's zone, used for topology-aware routing.
 const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
@@ -76,6 +85,7 @@ enum Kind {
     EndpointSlice,
     Node,
     HttpRoute,
+    FaultInjection,
 }
 
 /// What a watcher stream told us: something changed, a (re-)list began or completed, or it failed.
@@ -195,19 +205,22 @@ fn node_info(node: &Node) -> NodeInfo {
 }
 
 /// Follows the API server and publishes a snapshot after every burst of changes, once the initial lists
-/// of Services and EndpointSlices are complete. Watch errors (410 Gone, dropped connections, an
+/// of Services and EndpointSlices are complete; `HTTPFaultInjection` objects go to `faults_tx`, before
+/// the snapshot of the same burst. Watch errors (410 Gone, dropped connections, an
 /// unreachable server) are retried with backoff by kube-rs; the last published state stays programmed
 /// meanwhile. Returns only if every stream ends.
 pub async fn run(
     client: Client,
     node_name: String,
     tx: watch::Sender<Option<SourceUpdate>>,
+    faults_tx: watch::Sender<FaultObjects>,
     config_errors: impl Fn(usize) + Send + 'static,
 ) -> anyhow::Result<()> {
     let (services, svc_writer) = reflector::store::<Service>();
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
     let (nodes, node_writer) = reflector::store::<Node>();
     let (routes, route_writer) = reflector::store::<HttpRoute>();
+    let (faults, fault_writer) = reflector::store::<HttpFaultInjection>();
     let mut streams = select_all([
         signals(
             Kind::Service,
@@ -229,9 +242,16 @@ pub async fn run(
         ),
         signals(
             Kind::HttpRoute,
-            Api::all(client),
+            Api::all(client.clone()),
             watcher::Config::default(),
             route_writer,
+        ),
+        // Without the CRD installed this watch fails (logged once) and faults stay empty.
+        signals(
+            Kind::FaultInjection,
+            Api::all(client),
+            watcher::Config::default(),
+            fault_writer,
         ),
     ]);
 
@@ -276,6 +296,18 @@ pub async fn run(
             continue;
         }
         config_errors(validated.refresh(&services, &slices));
+        let fault_objects: FaultObjects = faults
+            .state()
+            .iter()
+            .map(|f| (id_of(f.as_ref()), (**f).clone()))
+            .collect();
+        faults_tx.send_if_modified(|current| {
+            let changed = *current != fault_objects;
+            if changed {
+                *current = fault_objects;
+            }
+            changed
+        });
         let snapshot = Snapshot {
             services: validated.services.clone(),
             slices: validated.slices.clone(),

@@ -15,7 +15,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 pub use crate::model::Snapshot;
-use crate::model::{FieldError, NsName, ServiceSpec, SliceSpec, SourceUpdate, object_id};
+use crate::{
+    l7::fault::{self, FaultObjects, HttpFaultInjection},
+    model::{FieldError, NsName, ServiceSpec, SliceSpec, SourceUpdate, object_id},
+};
 
 /// Re-read at least this often even without a file-system event, in case a notification is lost.
 const RESCAN_PERIOD: Duration = Duration::from_secs(2);
@@ -59,6 +62,7 @@ enum ObjectKey {
     Service(NsName),
     Slice(NsName),
     Route(NsName),
+    Fault(NsName),
 }
 
 /// A valid object; `None` inside means valid but not ours to program (headless, another proxy's, …).
@@ -67,6 +71,7 @@ enum Object {
     Service(Option<ServiceSpec>),
     Slice(Option<SliceSpec>),
     Route(Box<HttpRoute>),
+    Fault(Box<HttpFaultInjection>),
 }
 
 type FileObjects = BTreeMap<ObjectKey, Object>;
@@ -100,6 +105,9 @@ struct FileState {
 pub struct ConfigDir {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
+    /// The `HTTPFaultInjection` objects of the last reload (not part of the [`Snapshot`]: they only
+    /// shape the L7 route table).
+    faults: FaultObjects,
 }
 
 impl ConfigDir {
@@ -107,6 +115,7 @@ impl ConfigDir {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            faults: FaultObjects::new(),
         }
     }
 
@@ -151,6 +160,7 @@ impl ConfigDir {
             .collect();
 
         let mut snapshot = Snapshot::default();
+        self.faults.clear();
         for (path, state) in &self.files {
             for (key, object) in &state.objects {
                 let duplicate = match (key, object) {
@@ -172,6 +182,9 @@ impl ConfigDir {
                         .http_routes
                         .insert(id.clone(), (**route).clone())
                         .is_some(),
+                    (ObjectKey::Fault(id), Object::Fault(f)) => {
+                        self.faults.insert(id.clone(), (**f).clone()).is_some()
+                    }
                     _ => false,
                 };
                 if duplicate {
@@ -180,6 +193,13 @@ impl ConfigDir {
             }
         }
         Ok((snapshot, errors))
+    }
+}
+
+impl ConfigDir {
+    /// The `HTTPFaultInjection` objects found by the last reload.
+    pub fn faults(&self) -> &FaultObjects {
+        &self.faults
     }
 }
 
@@ -274,6 +294,14 @@ fn load_file(
                 ObjectKey::Route(id.clone()),
                 crate::l7::route::http_route_from_value(value).map(|r| Object::Route(Box::new(r))),
             ),
+            (Some(api), Some(fault::KIND))
+                if api == format!("{}/{}", fault::GROUP, fault::VERSION) =>
+            {
+                (
+                    ObjectKey::Fault(id.clone()),
+                    fault::from_value(value).map(|f| Object::Fault(Box::new(f))),
+                )
+            }
             (api, kind) => {
                 debug!(file = %path.display(), doc = i, ?api, ?kind, "ignoring object of a kind this agent does not use");
                 continue;
@@ -283,6 +311,7 @@ fn load_file(
             ObjectKey::Service(_) => "Service",
             ObjectKey::Slice(_) => "EndpointSlice",
             ObjectKey::Route(_) => "HTTPRoute",
+            ObjectKey::Fault(_) => fault::KIND,
         };
         match parsed {
             Ok(object) => {
@@ -317,11 +346,13 @@ fn decode<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T,
     })
 }
 
-/// Watches `dir` and publishes a new snapshot whenever its content changes. Runs until the receiver is
-/// dropped. The first snapshot is published before this returns an error-free start.
+/// Watches `dir` and publishes a new snapshot whenever its content changes, and the
+/// `HTTPFaultInjection` objects on `faults_tx` (before the snapshot that comes with them). Runs until
+/// the receiver is dropped.
 pub async fn watch_dir(
     dir: PathBuf,
     tx: watch::Sender<Option<SourceUpdate>>,
+    faults_tx: watch::Sender<FaultObjects>,
     config_errors: impl Fn(usize) + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -347,6 +378,13 @@ pub async fn watch_dir(
         // A file-system event re-reads everything; a periodic rescan only what changed on disk.
         match config.reload_with(changed_at.is_some() || last.is_none()) {
             Ok((snapshot, messages)) => {
+                faults_tx.send_if_modified(|faults| {
+                    let changed = faults != config.faults();
+                    if changed {
+                        faults.clone_from(config.faults());
+                    }
+                    changed
+                });
                 // Report each problem once, not on every rescan.
                 if messages != last_errors {
                     for m in messages.iter().filter(|m| !last_errors.contains(m)) {

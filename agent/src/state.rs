@@ -9,6 +9,9 @@ pub struct AgentState {
     /// The first sync is programmed and the pod interfaces present at start are attached.
     pub synced: bool,
     pub frontends: Vec<FrontendInfo>,
+    /// HTTPRoute status per Service parent (Accepted, ResolvedRefs), as Kubernetes mode writes it.
+    #[serde(default)]
+    pub routes: Vec<crate::l7::status::RouteStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,8 +19,8 @@ use weir_agent::state::AgentState;
 use weir_tests::apiserver::{self, ApiServer, Verb};
 use weir_tests::lab::GATEWAY;
 use weir_tests::scenario::{
-    self, CLUSTER_IP, HEALTHY_TIMEOUT, TCP_PORT, Tally, UDP_PORT, cluster_addr, parse_greeting,
-    ready,
+    self, CLUSTER_IP, HEALTHY_TIMEOUT, HTTP_PORT, TCP_PORT, Tally, UDP_PORT, cluster_addr,
+    parse_greeting, ready,
 };
 use weir_tests::{Lab, Pod, agent_binary, client};
 
@@ -659,4 +659,138 @@ fn an_agent_started_before_the_api_server_is_unhealthy_until_it_is_up_then_conve
     agent.wait_healthy();
     wait_backends(&mut agent, &api, CLUSTER_IP, &all(&backends));
     assert_served_by(&client, cluster_addr(TCP_PORT.0), &all(&backends));
+}
+
+/// HTTPRoutes and Weir's HTTPFaultInjection from the API: the fault's abort answers through the
+/// steered ClusterIP, and the agent writes `status.parents` (Accepted, ResolvedRefs with the spec's
+/// reasons) through a merge patch of the status subresource, keeping other controllers' entries.
+#[test]
+fn httproutes_from_the_api_get_fault_injection_and_status() {
+    let lab = Lab::new().expect("lab");
+    let s = scene(&lab);
+    let route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: default, generation: 3}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 8000}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /abort}}]
+    filters: [{type: ExtensionRef, extensionRef: {group: weir.dev, kind: HTTPFaultInjection, name: boom}}]
+    backendRefs: [{name: echo, port: 8000}]
+  - backendRefs: [{name: echo, port: 8000}, {name: nosuch, port: 80, weight: 0}]
+status:
+  parents:
+  - parentRef: {name: some-gateway}
+    controllerName: example.com/gateway
+    conditions: [{type: Accepted, status: "True", reason: Accepted, message: "", lastTransitionTime: "2024-01-01T00:00:00Z"}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: orphan, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: gone}]
+  rules: [{backendRefs: [{name: echo, port: 8000}]}]
+---
+apiVersion: weir.dev/v1alpha1
+kind: HTTPFaultInjection
+metadata: {name: boom, namespace: default}
+spec: {abort: {httpStatus: 503}}
+"#;
+    s.api
+        .apply_all(apiserver::from_yaml(route).expect("yaml"))
+        .expect("routes");
+    let _agent = start_converged(&lab, &s, &all(&s.backends));
+    let addr = scenario::cluster_addr(HTTP_PORT.0);
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let r = s.client.http_get(addr, "/abort", T).expect("abort");
+        if r.status == 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fault never applied: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ok = s.client.http_get(addr, "/", T).expect("/");
+    assert_eq!(ok.status, 200, "{ok:?}");
+
+    let conditions = |route: &str| -> Option<Vec<(String, String, String)>> {
+        let obj = s.api.get("HTTPRoute", "default", route).expect("get")?;
+        let parents = obj["status"]["parents"].as_array()?.clone();
+        let ours = parents
+            .iter()
+            .find(|p| p["controllerName"] == "weir.dev/l7")?
+            .clone();
+        Some(
+            ours["conditions"]
+                .as_array()?
+                .iter()
+                .map(|c| {
+                    let f = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                    (f("type"), f("status"), f("reason"))
+                })
+                .collect(),
+        )
+    };
+    let c = |a: &str, b: &str, r: &str| (a.to_owned(), b.to_owned(), r.to_owned());
+    let deadline = Instant::now() + CONVERGE;
+    while conditions("r").is_none() || conditions("orphan").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no status written; requests:\n{}",
+            recent_requests(&s.api)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        conditions("r").expect("r"),
+        [
+            c("Accepted", "True", "Accepted"),
+            c("ResolvedRefs", "False", "BackendNotFound")
+        ]
+    );
+    assert_eq!(
+        conditions("orphan").expect("orphan")[0],
+        c("Accepted", "False", "NoMatchingParent")
+    );
+    let obj = s
+        .api
+        .get("HTTPRoute", "default", "r")
+        .expect("get")
+        .expect("r");
+    let parents = obj["status"]["parents"].as_array().expect("parents");
+    assert!(
+        parents
+            .iter()
+            .any(|p| p["controllerName"] == "example.com/gateway"),
+        "another controller's entry must be kept: {parents:?}"
+    );
+    let ours = parents
+        .iter()
+        .find(|p| p["controllerName"] == "weir.dev/l7")
+        .expect("ours");
+    assert_eq!(ours["parentRef"]["name"], "echo");
+    assert!(
+        s.api.count(Verb::Patch, "httproutes") >= 2,
+        "{}",
+        recent_requests(&s.api)
+    );
+
+    // Fixing the route (dropping the missing backend) turns ResolvedRefs true.
+    s.api
+        .apply_all(
+            apiserver::from_yaml(&route.replace(", {name: nosuch, port: 80, weight: 0}", ""))
+                .expect("yaml"),
+        )
+        .expect("fixed route");
+    let deadline = Instant::now() + CONVERGE;
+    while conditions("r").and_then(|cs| cs.get(1).cloned())
+        != Some(c("ResolvedRefs", "True", "ResolvedRefs"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "status not updated: {:?}",
+            conditions("r")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

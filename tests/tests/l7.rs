@@ -731,7 +731,7 @@ fn httproute_timeouts_and_error_statuses_follow_the_spec() {
             ),
         ],
     );
-    let (l, _agent) = echo_lab(&lab, &[("route.yaml", route)]);
+    let (l, agent) = echo_lab(&lab, &[("route.yaml", route)]);
     wait_routed(&l.client, &Req::get("/ok"));
     let c = &l.client;
 
@@ -782,8 +782,179 @@ fn httproute_timeouts_and_error_statuses_follow_the_spec() {
         }
     }
     println!("/e/half: {ok} answered, {failed} got 500");
+
+    // Standalone mode serves the route's status on /state (and logs it): accepted, with a reference
+    // that does not resolve (the ConfigMap backend comes first).
+    let state = lab
+        .in_node(|| {
+            weir_tests::client::http_get(
+                SocketAddr::from(([127, 0, 0, 1], 10249)),
+                "/state",
+                Duration::from_secs(2),
+            )
+        })
+        .expect("netns")
+        .expect("/state");
+    let state: weir_agent::state::AgentState =
+        serde_json::from_str(&state.body).expect("state JSON");
+    let route = state
+        .routes
+        .iter()
+        .find(|r| r.route == "default/errors")
+        .unwrap_or_else(|| panic!("no status for default/errors: {:?}", state.routes));
+    let conditions: Vec<(&str, &str, &str)> = route.parents[0]
+        .conditions
+        .iter()
+        .map(|c| (c.kind.as_str(), c.status.as_str(), c.reason.as_str()))
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            ("Accepted", "True", "Accepted"),
+            ("ResolvedRefs", "False", "InvalidKind")
+        ]
+    );
+    assert!(
+        agent
+            .log()
+            .contains("HTTPRoute default/errors: parent Service web: Accepted=True"),
+        "the status is logged"
+    );
     assert!(
         (120..=180).contains(&failed),
         "{failed} of 300 got 500 (half the weight is invalid)"
     );
+}
+
+fn fault_object(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: HTTPFaultInjection\nmetadata: {{name: {name}, namespace: default}}\nspec: {spec}\n"
+    )
+}
+
+/// Weir's HTTPFaultInjection, named by ExtensionRef filters: abort and delay at 100 %, an abort
+/// percentage over many requests, unresolvable references (500), and a change to the object alone.
+#[test]
+fn fault_injection_through_extension_ref_filters() {
+    let lab = Lab::new().expect("lab");
+    let rule = |name: &str, path: &str, group: &str, kind: &str, fault: &str| {
+        format!(
+            "  - name: {name}\n    matches: [{{path: {{type: PathPrefix, value: {path}}}}}]\n    filters: [{{type: ExtensionRef, extensionRef: {{group: {group}, kind: {kind}, name: {fault}}}}}]\n    backendRefs: [{{name: v1, port: 80}}]\n"
+        )
+    };
+    let fi = "HTTPFaultInjection";
+    let route = web_route(
+        "faults",
+        "",
+        &[
+            rule("abort", "/abort", "weir.dev", fi, "abort"),
+            rule("delay", "/delay", "weir.dev", fi, "delay"),
+            rule("some", "/some", "weir.dev", fi, "some"),
+            rule("missing", "/missing", "weir.dev", fi, "nosuch"),
+            rule("kind", "/kind", "example.com", "Fault", "abort"),
+            "  - name: ok\n    matches: [{path: {type: PathPrefix, value: /ok}}]\n    backendRefs: [{name: v1, port: 80}]\n".to_owned(),
+        ],
+    );
+    let faults = [
+        fault_object("abort", "{abort: {httpStatus: 503}}"),
+        fault_object("delay", "{delay: {fixedDelay: 400ms}}"),
+        fault_object("some", "{abort: {httpStatus: 418, percentage: 30}}"),
+    ]
+    .join("---\n");
+    let (l, _agent) = echo_lab(
+        &lab,
+        &[("faults.yaml", faults.clone()), ("route.yaml", route)],
+    );
+    wait_routed(&l.client, &Req::get("/ok"));
+    let c = &l.client;
+    for proto in [Proto::Http1, Proto::Http2] {
+        let mut conn = Conn::connect(c, WEB_ADDR, proto).expect("connect");
+        for _ in 0..10 {
+            let r = conn.send(&Req::get("/abort")).expect("abort");
+            assert_eq!(r.status, 503, "{proto:?}: abort 100 %: {r:?}");
+            assert!(
+                r.echo().is_err(),
+                "an aborted request never reaches a backend"
+            );
+        }
+        for _ in 0..3 {
+            let r = conn.send(&Req::get("/delay")).expect("delay");
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.echo().expect("echo").pod, "v1");
+            assert!(
+                r.elapsed >= Duration::from_millis(400),
+                "{proto:?}: delayed only {:?}",
+                r.elapsed
+            );
+        }
+        let quick = conn.send(&Req::get("/ok")).expect("ok");
+        assert!(
+            quick.elapsed < Duration::from_millis(400),
+            "{:?}",
+            quick.elapsed
+        );
+        for path in ["/missing", "/kind"] {
+            let r = conn.send(&Req::get(path)).expect(path);
+            assert_eq!(
+                r.status, 500,
+                "{proto:?} {path}: unresolvable ExtensionRef: {r:?}"
+            );
+        }
+        let n = 400;
+        let aborted = (0..n)
+            .filter(|_| {
+                let r = conn.send(&Req::get("/some")).expect("some");
+                assert!(matches!(r.status, 200 | 418), "{r:?}");
+                r.status == 418
+            })
+            .count();
+        println!("{proto:?}: {aborted} of {n} aborted at 30 %");
+        // 30 % of 400 is 120, binomial sd 9.2.
+        assert!(
+            (80..=160).contains(&aborted),
+            "{proto:?}: {aborted} of {n} aborted at 30 %"
+        );
+    }
+    // Changing only the fault object changes the answers.
+    lab.write_config(
+        "faults.yaml",
+        &faults.replace("httpStatus: 503", "httpStatus: 429"),
+    )
+    .expect("update fault");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http::request(c, WEB_ADDR, Proto::Http1, &Req::get("/abort")).expect("abort");
+        if r.status == 429 {
+            break;
+        }
+        assert_eq!(r.status, 503);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new abort status never applied"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Deleting it leaves the reference unresolvable: 500.
+    lab.write_config(
+        "faults.yaml",
+        &faults
+            .split("---\n")
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join("---\n"),
+    )
+    .expect("drop abort");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http::request(c, WEB_ADDR, Proto::Http1, &Req::get("/abort")).expect("abort");
+        if r.status == 500 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {} after the fault object went",
+            r.status
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -9,6 +9,7 @@ use clap::{CommandFactory as _, Parser as _};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -32,6 +33,7 @@ struct Manifests {
     bindings: Vec<ClusterRoleBinding>,
     config_maps: Vec<ConfigMap>,
     daemon_sets: Vec<DaemonSet>,
+    crds: Vec<CustomResourceDefinition>,
     /// `resources:` of kustomization.yaml.
     kustomize_resources: Option<Vec<String>>,
     /// Names of the YAML files, sorted.
@@ -122,6 +124,9 @@ fn load() -> Manifests {
                     m.bindings.push(decode(&at, json))
                 }
                 ("apps/v1", "DaemonSet") => m.daemon_sets.push(decode(&at, json)),
+                ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+                    m.crds.push(decode(&at, json))
+                }
                 ("kustomize.config.k8s.io/v1beta1", "Kustomization")
                     if file == "kustomization.yaml" =>
                 {
@@ -138,7 +143,7 @@ fn load() -> Manifests {
                     m.kustomize_resources = Some(resources);
                 }
                 _ => panic!(
-                    "{at}: unknown kind: this test knows ServiceAccount, ClusterRole, ClusterRoleBinding, ConfigMap, DaemonSet (and the Kustomization); teach it the new one"
+                    "{at}: unknown kind: this test knows ServiceAccount, ClusterRole, ClusterRoleBinding, ConfigMap, DaemonSet, CustomResourceDefinition (and the Kustomization); teach it the new one"
                 ),
             }
         }
@@ -740,4 +745,30 @@ fn the_agent_accepts_the_daemonset_command_line() {
     assert_eq!(parsed.bpffs_dir, Path::new("/sys/fs/bpf/weir"));
     assert_eq!(parsed.health_addr.to_string(), "0.0.0.0:10256");
     assert_eq!(parsed.metrics_addr.to_string(), "127.0.0.1:10249");
+}
+
+/// The HTTPFaultInjection CRD names what the agent watches (group, kind, plural, version), and the
+/// ClusterRole lets it read that resource.
+#[test]
+fn the_fault_injection_crd_matches_the_agents_type() {
+    use weir_agent::l7::fault;
+    let m = load();
+    let crd = Manifests::one(&m.crds, "CustomResourceDefinition");
+    assert_eq!(crd.spec.group, fault::GROUP);
+    assert_eq!(crd.spec.names.kind, fault::KIND);
+    assert_eq!(crd.spec.names.plural, fault::PLURAL);
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some(format!("{}.{}", fault::PLURAL, fault::GROUP).as_str())
+    );
+    assert_eq!(crd.spec.scope, "Namespaced");
+    let versions: Vec<&str> = crd.spec.versions.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(versions, [fault::VERSION]);
+    assert!(
+        RBAC_RULES
+            .iter()
+            .any(|r| r.api_group == fault::GROUP && r.resource == fault::PLURAL),
+        "the agent must ask to read {}",
+        fault::PLURAL
+    );
 }

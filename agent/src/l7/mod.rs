@@ -44,10 +44,13 @@
 pub mod balance;
 pub mod body;
 pub mod directory;
+pub mod fault;
 pub mod filters;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod status;
+pub mod status_writer;
 pub mod table;
 
 pub use directory::{ServiceDirectory, ServiceFrontend};

@@ -34,12 +34,16 @@ use tracing::{debug, warn};
 use super::{
     body::{self, BoxError, Done, MirrorBody, ProxyBody, ResponseBody, TeeBody},
     directory::ServiceDirectory,
+    fault::Fault,
     filters::{
         RedirectContext, append_forwarded_for, host_without_port, modify_path, redirect_location,
         strip_hop_by_hop,
     },
     metrics::{L7Metrics, RuleLabels},
-    route::{Backend, Filter, HeaderModifier, Mirror, PathMatch, Redirect, ServicePort, Timeout},
+    route::{
+        Backend, FaultFilter, Filter, HeaderModifier, Mirror, PathMatch, Redirect, ServicePort,
+        Timeout,
+    },
     table::{Lookup, Parent, RequestView, RouteTable},
 };
 
@@ -380,6 +384,10 @@ struct Edit<'a> {
     response: Vec<&'a HeaderModifier>,
     mirrors: Vec<&'a Mirror>,
     redirect: Option<&'a Redirect>,
+    /// Fault injections of the filters applied so far and not yet acted on.
+    faults: Vec<&'a Fault>,
+    /// An `ExtensionRef` filter that could not be resolved: the request gets 500.
+    unresolved: bool,
 }
 
 impl<'a> Edit<'a> {
@@ -401,6 +409,8 @@ impl<'a> Edit<'a> {
                     self.redirect.get_or_insert(r);
                 }
                 Filter::Mirror(m) => self.mirrors.push(m),
+                Filter::Fault(FaultFilter::Resolved { fault, .. }) => self.faults.push(fault),
+                Filter::Fault(FaultFilter::Unresolved { .. }) => self.unresolved = true,
             }
         }
     }
@@ -432,6 +442,40 @@ impl Shared {
         }
         .record();
         resp
+    }
+
+    /// Acts on what the filters applied so far asked for: a 500 for an unresolvable `ExtensionRef`,
+    /// then each fault's delay and abort. `Some` is the response to give instead of forwarding.
+    async fn inject_faults(
+        &self,
+        edit: &mut Edit<'_>,
+        labels: &RuleLabels,
+        start: Instant,
+    ) -> Option<Response<ProxyBody>> {
+        if edit.unresolved {
+            return Some(self.local_reply(
+                text_reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "an ExtensionRef filter of the matched rule cannot be resolved",
+                ),
+                labels.clone(),
+                start,
+            ));
+        }
+        for fault in std::mem::take(&mut edit.faults) {
+            let decision = fault.decide(&mut rand::rng());
+            if let Some(delay) = decision.delay {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some(status) = decision.abort {
+                return Some(self.local_reply(
+                    text_reply(status, "fault injected (HTTPFaultInjection abort)"),
+                    labels.clone(),
+                    start,
+                ));
+            }
+        }
+        None
     }
 
     async fn send(
@@ -619,6 +663,8 @@ async fn handle(
         response: Vec::new(),
         mirrors: Vec::new(),
         redirect: None,
+        faults: Vec::new(),
+        unresolved: false,
     };
     let (target, timeouts): (ServicePort, _) = match lookup {
         Lookup::NoMatch => {
@@ -638,6 +684,9 @@ async fn handle(
             labels.route = sel.route.id.to_string();
             labels.rule = sel.rule.label.clone();
             edit.apply(&sel.rule.filters, &sel.matched.path, &mut parts.headers);
+            if let Some(resp) = shared.inject_faults(&mut edit, &labels, start).await {
+                return resp;
+            }
             if let Some(r) = edit.redirect {
                 return shared.local_reply(
                     redirect_response(r, &sel.matched.path, &parts, conn, &edit.response),
@@ -668,6 +717,9 @@ async fn handle(
                 );
             };
             edit.apply(&wb.filters, &sel.matched.path, &mut parts.headers);
+            if let Some(resp) = shared.inject_faults(&mut edit, &labels, start).await {
+                return resp;
+            }
             (target.clone(), sel.rule.timeouts)
         }
     };

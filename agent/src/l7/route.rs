@@ -23,7 +23,10 @@ use hyper::http::{HeaderName, HeaderValue, Method, StatusCode};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use regex::Regex;
 
-use super::balance::WeightedPicker;
+use super::{
+    balance::WeightedPicker,
+    fault::{self, Fault, Faults},
+};
 use crate::model::{FieldError, NsName, object_id};
 
 /// The resource's group; `v1` and `v1beta1` share the HTTPRoute schema.
@@ -158,6 +161,23 @@ pub enum Filter {
     UrlRewrite(UrlRewrite),
     Redirect(Redirect),
     Mirror(Mirror),
+    /// An `ExtensionRef` to a Weir [`fault::HttpFaultInjection`].
+    Fault(FaultFilter),
+}
+
+/// An `ExtensionRef` filter, resolved when the table is built.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultFilter {
+    Resolved {
+        name: NsName,
+        fault: std::sync::Arc<Fault>,
+    },
+    /// The spec: a custom filter that cannot be resolved is not skipped; the requests it would have
+    /// processed get an error (500). `reason` is the ResolvedRefs condition's.
+    Unresolved {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -260,6 +280,11 @@ impl Route {
     /// ours). A route whose every Service parentRef was skipped is returned with no parents and the
     /// reasons in its warnings, so they can be reported.
     pub fn from_k8s(route: &HttpRoute) -> Result<Option<Route>, RouteError> {
+        Self::from_k8s_with(route, &Faults::new())
+    }
+
+    /// [`Route::from_k8s`], resolving `ExtensionRef` filters against `faults`.
+    pub fn from_k8s_with(route: &HttpRoute, faults: &Faults) -> Result<Option<Route>, RouteError> {
         let id = object_id(
             route.metadata.namespace.as_ref(),
             route.metadata.name.as_ref(),
@@ -309,7 +334,10 @@ impl Route {
                     format!("duplicate rule name {name:?}"),
                 )));
             }
-            out.push(convert_rule(rule, i, &id.namespace, &field, &mut warnings).map_err(fail)?);
+            out.push(
+                convert_rule(rule, i, &id.namespace, &field, faults, &mut warnings)
+                    .map_err(fail)?,
+            );
         }
         Ok(Some(Route {
             created: route.metadata.creation_timestamp.clone(),
@@ -477,6 +505,7 @@ fn convert_rule(
     index: usize,
     route_ns: &str,
     field: &str,
+    faults: &Faults,
     warnings: &mut Vec<FieldError>,
 ) -> Result<Rule, FieldError> {
     let matches = match rule.matches.as_deref() {
@@ -502,6 +531,8 @@ fn convert_rule(
         &format!("{field}.filters"),
         all_prefix,
         true,
+        faults,
+        warnings,
     )?;
     let mut backends = Vec::new();
     for (i, b) in rule.backend_refs.iter().flatten().enumerate() {
@@ -510,6 +541,7 @@ fn convert_rule(
             route_ns,
             &format!("{field}.backendRefs[{i}]"),
             all_prefix,
+            faults,
             warnings,
         )?);
     }
@@ -569,6 +601,7 @@ fn convert_backend_ref(
     route_ns: &str,
     field: &str,
     all_prefix: bool,
+    faults: &Faults,
     warnings: &mut Vec<FieldError>,
 ) -> Result<WeightedBackend, FieldError> {
     let backend = backend_target(
@@ -617,6 +650,8 @@ fn convert_backend_ref(
         &format!("{field}.filters"),
         all_prefix,
         false,
+        faults,
+        warnings,
     )?;
     Ok(WeightedBackend {
         backend,
@@ -897,6 +932,8 @@ fn convert_filters(
     field: &str,
     all_prefix: bool,
     rule_level: bool,
+    faults: &Faults,
+    warnings: &mut Vec<FieldError>,
 ) -> Result<Vec<Filter>, FieldError> {
     let mut out = Vec::new();
     let mut seen: Vec<&'static str> = Vec::new();
@@ -975,16 +1012,31 @@ fn convert_filters(
                     &format!("{field}.requestMirror"),
                 )?),
             ),
+            HttpRouteRulesFiltersType::ExtensionRef => {
+                let r = f
+                    .extension_ref
+                    .as_ref()
+                    .ok_or_else(|| missing("extensionRef"))?;
+                let resolved = resolve_extension(r, route_ns, faults);
+                if let FaultFilter::Unresolved { message, .. } = &resolved {
+                    warnings.push(field_error(
+                        format!("{field}.extensionRef"),
+                        format!("{message}; requests this rule serves get 500"),
+                    ));
+                }
+                ("ExtensionRef", Filter::Fault(resolved))
+            }
             // The spec: an unsupported filter must not be skipped; the route is not accepted.
-            HttpRouteRulesFiltersType::ExtensionRef | HttpRouteRulesFiltersType::Cors => {
+            HttpRouteRulesFiltersType::Cors => {
                 return Err(field_error(
                     format!("{field}.type"),
                     format!("filter type {:?} is not supported", f.r#type),
                 ));
             }
         };
-        // Only RequestMirror may repeat; URLRewrite and RequestRedirect exclude each other.
-        if kind != "RequestMirror" && seen.contains(&kind) {
+        // Only RequestMirror and ExtensionRef may repeat; URLRewrite and RequestRedirect exclude each
+        // other.
+        if kind != "RequestMirror" && kind != "ExtensionRef" && seen.contains(&kind) {
             return Err(field_error(
                 format!("{field}.type"),
                 format!("{kind} given more than once"),
@@ -1007,6 +1059,40 @@ fn convert_filters(
         out.push(filter);
     }
     Ok(out)
+}
+
+/// An `ExtensionRef` names an object in the route's namespace; Weir knows one kind.
+fn resolve_extension(
+    r: &gateway_api::apis::standard::httproutes::HttpRouteRulesFiltersExtensionRef,
+    route_ns: &str,
+    faults: &Faults,
+) -> FaultFilter {
+    if r.group != fault::GROUP || r.kind != fault::KIND {
+        return FaultFilter::Unresolved {
+            reason: "InvalidKind",
+            message: format!(
+                "extensionRef kind {:?} in group {:?} is not supported (only {} {})",
+                r.kind,
+                r.group,
+                fault::GROUP,
+                fault::KIND
+            ),
+        };
+    }
+    let name = NsName {
+        namespace: route_ns.to_owned(),
+        name: r.name.clone(),
+    };
+    match faults.get(&name) {
+        Some(f) => FaultFilter::Resolved {
+            name,
+            fault: f.clone(),
+        },
+        None => FaultFilter::Unresolved {
+            reason: "FilterNotFound",
+            message: format!("{} {name} does not exist or is invalid", fault::KIND),
+        },
+    }
 }
 
 fn parse_timeout(value: Option<&String>, field: &str) -> Result<Timeout, FieldError> {

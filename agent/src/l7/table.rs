@@ -7,6 +7,7 @@ use hyper::http::{HeaderMap, Method};
 
 use super::{
     directory::ServiceDirectory,
+    fault::Faults,
     route::{PathMatch, Route, RouteError, RouteMatch, Rule},
 };
 use crate::model::NsName;
@@ -123,10 +124,18 @@ impl RouteTable {
     pub fn from_k8s<'a>(
         routes: impl IntoIterator<Item = &'a HttpRoute>,
     ) -> (Self, Vec<RouteError>) {
+        Self::from_k8s_with(routes, &Faults::new())
+    }
+
+    /// [`RouteTable::from_k8s`], resolving `ExtensionRef` filters against `faults`.
+    pub fn from_k8s_with<'a>(
+        routes: impl IntoIterator<Item = &'a HttpRoute>,
+        faults: &Faults,
+    ) -> (Self, Vec<RouteError>) {
         let mut valid = Vec::new();
         let mut problems = Vec::new();
         for r in routes {
-            match Route::from_k8s(r) {
+            match Route::from_k8s_with(r, faults) {
                 Ok(Some(route)) => {
                     problems.extend(route.warnings.iter().map(|w| RouteError {
                         route: route.id.clone(),

@@ -85,6 +85,16 @@ pub const RESOURCES: &[ResourceType] = &[
         builtin: false,
         status: true,
     },
+    // Weir's fault injection CRD (ExtensionRef filters of HTTPRoutes).
+    ResourceType {
+        plural: "httpfaultinjections",
+        group: "weir.dev",
+        version: "v1alpha1",
+        kind: "HTTPFaultInjection",
+        namespaced: true,
+        builtin: false,
+        status: false,
+    },
     ResourceType {
         plural: "gateways",
         group: "gateway.networking.k8s.io",
