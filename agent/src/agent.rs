@@ -32,7 +32,7 @@ use crate::{
     model::{self, DesiredCache, NodeContext, NodeInfo, SourceUpdate},
     reconcile::Reconciler,
     standalone,
-    state::{AgentState, FrontendInfo},
+    state::{AgentState, ProgrammedView},
 };
 
 /// After a sync with failed map operations, try again this soon.
@@ -416,7 +416,13 @@ fn steer_routed_frontends(
     });
     problems.extend(route_problems.iter().map(|p| format!("HTTPRoute {p}")));
     l7.report(problems.into_iter().collect());
-    let directory = ServiceDirectory::from_model(&snapshot.services, desired);
+    // Without routes nothing is steered and the proxy needs no endpoints: building the directory
+    // of every Service would cost a big cluster tens of milliseconds at every sync.
+    let directory = if snapshot.http_routes.is_empty() {
+        ServiceDirectory::default()
+    } else {
+        ServiceDirectory::from_model(&snapshot.services, desired)
+    };
     for addr in table.steered_frontends(&directory) {
         let std::net::SocketAddr::V4(v4) = addr else {
             continue;
@@ -427,7 +433,7 @@ fn steer_routed_frontends(
             protocol: model::Protocol::Tcp,
         };
         if let Some(state) = desired.frontends.get_mut(&key) {
-            state.l7 = true;
+            std::sync::Arc::make_mut(state).l7 = true;
         }
     }
     l7.proxy.set_routes(table);
@@ -447,9 +453,17 @@ fn sync(
     let snapshot = &update.snapshot;
     let started = Instant::now();
     let (mut desired, recomputed) = cache.update(snapshot, node);
+    let computed = started.elapsed();
     steer_routed_frontends(snapshot, &mut desired, l7);
+    let steered = started.elapsed();
     let report = reconciler.sync(&desired);
     let elapsed = started.elapsed();
+    tracing::debug!(
+        desired_us = computed.as_micros() as u64,
+        l7_us = (steered - computed).as_micros() as u64,
+        maps_us = (elapsed - steered).as_micros() as u64,
+        "sync steps"
+    );
     metrics.sync_duration.observe(elapsed.as_secs_f64());
     metrics
         .programming_latency
@@ -484,35 +498,22 @@ fn sync(
     metrics.last_sync_timestamp.set(now);
     metrics.clear_pending();
 
-    let frontends = desired
-        .frontends
-        .iter()
-        .map(|(f, state)| {
-            let value = reconciler.programmed(&crate::reconcile::service_key(f));
-            FrontendInfo {
-                service: state.service.to_string(),
-                port_name: state.port_name.clone(),
-                ip: f.ip.to_string(),
-                port: f.port,
-                protocol: f.protocol.to_string(),
-                backends: state
-                    .backends
-                    .iter()
-                    .map(|b| format!("{}:{}", b.ip, b.port))
-                    .collect(),
-                table_base: value.filter(|v| v.table_size > 0).map(|v| v.table_base),
-                table_size: value.map_or(0, |v| v.table_size),
-            }
-        })
-        .collect();
-    let routes = l7.statuses.borrow().clone();
-    metrics.update_state(|s| {
-        s.frontends = frontends;
-        s.routes = routes;
+    let frontend_count = desired.frontends.len();
+    metrics.set_programmed(ProgrammedView {
+        frontends: desired
+            .frontends
+            .into_iter()
+            .map(|(f, state)| {
+                let value = reconciler.programmed(&crate::reconcile::service_key(&f));
+                (f, state, value)
+            })
+            .collect(),
     });
+    let routes = l7.statuses.borrow().clone();
+    metrics.update_state(|s| s.routes = routes);
 
     info!(
-        frontends = desired.frontends.len(),
+        frontends = frontend_count,
         services_recomputed = recomputed,
         written = report.frontends_written,
         deleted = report.frontends_deleted,
@@ -520,5 +521,12 @@ fn sync(
         took_us = elapsed.as_micros() as u64,
         "synced"
     );
+    // A sync frees what it parsed and built (YAML trees, Maglev tables), often more than the agent
+    // keeps; glibc holds freed heap for reuse unless told to return it.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only gives free heap pages back to the kernel; nothing in use is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     report.errors > 0
 }

@@ -123,8 +123,8 @@ where
 /// Validated objects, keeping the last good version of any object that turns invalid.
 #[derive(Default)]
 struct Validated {
-    services: BTreeMap<NsName, ServiceSpec>,
-    slices: BTreeMap<NsName, SliceSpec>,
+    services: BTreeMap<NsName, std::sync::Arc<ServiceSpec>>,
+    slices: BTreeMap<NsName, std::sync::Arc<SliceSpec>>,
     reported: BTreeSet<String>,
 }
 
@@ -160,18 +160,24 @@ impl Validated {
     }
 }
 
-fn collect<K: Resource, S: Clone>(
+fn collect<K: Resource, S: PartialEq>(
     objects: &[std::sync::Arc<K>],
-    previous: &BTreeMap<NsName, S>,
+    previous: &BTreeMap<NsName, std::sync::Arc<S>>,
     validate: impl Fn(&K) -> Result<Option<S>, FieldError>,
     kind: &str,
     problems: &mut BTreeSet<String>,
-) -> BTreeMap<NsName, S> {
+) -> BTreeMap<NsName, std::sync::Arc<S>> {
     let mut out = BTreeMap::new();
     for obj in objects {
         let id = id_of(obj.as_ref());
         match validate(obj) {
             Ok(Some(spec)) => {
+                // An unchanged object keeps its allocation, so caches downstream see it unchanged
+                // without comparing.
+                let spec = match previous.get(&id) {
+                    Some(old) if **old == spec => std::sync::Arc::clone(old),
+                    _ => std::sync::Arc::new(spec),
+                };
                 out.insert(id, spec);
             }
             Ok(None) => {}
@@ -179,7 +185,7 @@ fn collect<K: Resource, S: Clone>(
                 problems.insert(format!("{kind} {id}: {}: {}", e.field, e.message));
                 // The API server validated it once; keep what we had rather than drop a working Service.
                 if let Some(old) = previous.get(&id) {
-                    out.insert(id, old.clone());
+                    out.insert(id, std::sync::Arc::clone(old));
                 }
             }
         }

@@ -1,4 +1,5 @@
 //! Prometheus metrics: the agent's sync loop and the datapath's counters, read from the maps at scrape time.
+use std::sync::Arc;
 use std::{
     sync::{
         Mutex, RwLock,
@@ -14,7 +15,10 @@ use prometheus_client::{
 };
 use weir_common::STAT_NAMES;
 
-use crate::{datapath::StatsReader, state::AgentState};
+use crate::{
+    datapath::StatsReader,
+    state::{AgentState, ProgrammedView},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -57,6 +61,8 @@ pub struct Metrics {
     pending_since: Mutex<Option<Instant>>,
     healthz_timeout: Duration,
     state: RwLock<AgentState>,
+    /// The frontends of `/state`, rendered on request.
+    programmed: RwLock<Arc<ProgrammedView>>,
 }
 
 impl Metrics {
@@ -177,6 +183,7 @@ impl Metrics {
             pending_since: Mutex::new(None),
             healthz_timeout,
             state: RwLock::new(AgentState::default()),
+            programmed: RwLock::new(Arc::default()),
         }
     }
 
@@ -221,13 +228,26 @@ impl Metrics {
         }
     }
 
-    pub fn state_json(&self) -> String {
-        match self.state.read() {
-            Ok(s) => {
-                serde_json::to_string(&*s).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-            }
-            Err(_) => "{}".to_owned(),
+    /// Replaces what `/state` lists as programmed.
+    pub fn set_programmed(&self, view: ProgrammedView) {
+        if let Ok(mut p) = self.programmed.write() {
+            *p = Arc::new(view);
         }
+    }
+
+    fn programmed(&self) -> Arc<ProgrammedView> {
+        self.programmed
+            .read()
+            .map(|p| Arc::clone(&p))
+            .unwrap_or_default()
+    }
+
+    pub fn state_json(&self) -> String {
+        let Ok(mut state) = self.state.read().map(|s| s.clone()) else {
+            return "{}".to_owned();
+        };
+        state.frontends = self.programmed().frontend_infos();
+        serde_json::to_string(&state).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
 
     /// Records how full a map is.
@@ -268,25 +288,17 @@ impl Metrics {
             self.conntrack_entries
                 .set(i64::try_from(ct).unwrap_or(i64::MAX));
             self.set_fill(weir_common::MAP_CONNTRACK, ct, reader.conntrack_capacity());
-            let names: std::collections::HashMap<String, String> = self
-                .state
-                .read()
-                .map(|s| {
-                    s.frontends
-                        .iter()
-                        .map(|f| {
-                            (
-                                format!("{}:{}/{}", f.ip, f.port, f.protocol),
-                                f.service.clone(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let programmed = self.programmed();
+            let names: std::collections::HashMap<weir_common::ServiceKey, &crate::model::NsName> =
+                programmed
+                    .frontends
+                    .iter()
+                    .map(|(f, state, _)| (crate::reconcile::service_key(f), &state.service))
+                    .collect();
             for (key, c) in reader.service_counters() {
                 let frontend = frontend_name(&key);
                 let labels = ServiceLabels {
-                    service: names.get(&frontend).cloned().unwrap_or_default(),
+                    service: names.get(&key).map(ToString::to_string).unwrap_or_default(),
                     frontend,
                 };
                 self.service_packets

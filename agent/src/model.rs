@@ -1,9 +1,11 @@
 //! The desired state: Services and EndpointSlices validated into plain values, and the frontends they
 //! yield (ClusterIP:port/protocol → set of ready backends), the same whatever source they came from.
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -139,8 +141,10 @@ pub struct FrontendState {
 /// Everything a source currently holds, keyed by namespace/name; sources publish it whole.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    pub services: BTreeMap<NsName, ServiceSpec>,
-    pub slices: BTreeMap<NsName, SliceSpec>,
+    /// Shared, not copied, between the source's store, the snapshots it publishes and the agent's
+    /// caches: at 10k Services a copy of every object per holder was most of the agent's memory.
+    pub services: BTreeMap<NsName, Arc<ServiceSpec>>,
+    pub slices: BTreeMap<NsName, Arc<SliceSpec>>,
     /// The agent's own Node, when the source knows it (Kubernetes mode).
     pub node: Option<NodeInfo>,
     /// Gateway API HTTPRoutes, by namespace/name (validated by the L7 route table).
@@ -166,7 +170,9 @@ pub struct NodeInfo {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<Frontend, FrontendState>,
+    /// Shared with the cache that computed them: an unchanged frontend is the same allocation from one
+    /// sync to the next, which is how the reconciler skips it without comparing.
+    pub frontends: BTreeMap<Frontend, Arc<FrontendState>>,
 }
 
 /// Which field of an object is wrong and why.
@@ -547,19 +553,24 @@ impl SliceSpec {
 }
 
 /// Joins services with their slices into frontends. Pure: the reconciler diffs its result.
-pub fn desired<'a>(
-    services: impl IntoIterator<Item = &'a ServiceSpec>,
-    slices: impl IntoIterator<Item = &'a SliceSpec>,
+pub fn desired<'a, V: Borrow<ServiceSpec> + 'a, L: Borrow<SliceSpec> + 'a>(
+    services: impl IntoIterator<Item = &'a V>,
+    slices: impl IntoIterator<Item = &'a L>,
     node: &NodeContext,
 ) -> Desired {
     let by_service = slices_by_service(slices);
     let mut frontends = BTreeMap::new();
     for svc in services {
+        let svc: &ServiceSpec = svc.borrow();
         let slices = by_service
             .get(&svc.id)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        frontends.extend(service_frontends(svc, slices, node));
+        frontends.extend(
+            service_frontends(svc, slices, node)
+                .into_iter()
+                .map(|(f, st)| (f, Arc::new(st))),
+        );
     }
     Desired { frontends }
 }
@@ -576,20 +587,23 @@ pub struct NodeContext {
     pub service_proxy_name: Option<String>,
 }
 
-fn slices_by_service<'a>(
-    slices: impl IntoIterator<Item = &'a SliceSpec>,
-) -> BTreeMap<&'a NsName, Vec<&'a SliceSpec>> {
-    let mut by_service: BTreeMap<&NsName, Vec<&SliceSpec>> = BTreeMap::new();
+fn slices_by_service<'a, S: Borrow<SliceSpec>>(
+    slices: impl IntoIterator<Item = &'a S>,
+) -> BTreeMap<&'a NsName, Vec<&'a S>> {
+    let mut by_service: BTreeMap<&NsName, Vec<&S>> = BTreeMap::new();
     for slice in slices {
-        by_service.entry(&slice.service).or_default().push(slice);
+        by_service
+            .entry(&(*slice).borrow().service)
+            .or_default()
+            .push(slice);
     }
     by_service
 }
 
 /// The frontends of one Service given its EndpointSlices.
-fn service_frontends(
+fn service_frontends<S: Borrow<SliceSpec>>(
     svc: &ServiceSpec,
-    slices: &[&SliceSpec],
+    slices: &[&S],
     node: &NodeContext,
 ) -> Vec<(Frontend, FrontendState)> {
     let mut out = Vec::new();
@@ -623,6 +637,7 @@ fn service_frontends(
         // Every endpoint of this port, with the port number its slice gives it.
         let mut endpoints: Vec<(&Endpoint, u16)> = Vec::new();
         for slice in slices {
+            let slice: &SliceSpec = (*slice).borrow();
             // A slice port matches the service port by name (both unnamed for single-port services).
             if let Some(sp) = slice
                 .ports
@@ -789,13 +804,17 @@ pub fn health_checks(snapshot: &Snapshot, node: &NodeContext) -> Vec<HealthCheck
 #[derive(Default)]
 pub struct DesiredCache {
     entries: BTreeMap<NsName, CacheEntry>,
+    /// Every entry's frontends, kept up to date entry by entry so a sync does not rebuild it.
+    desired: Desired,
+    /// How many entries claim each frontend (more than one only when Services clash).
+    claims: std::collections::HashMap<Frontend, u32>,
     node: NodeContext,
 }
 
 struct CacheEntry {
-    spec: ServiceSpec,
-    slices: Vec<SliceSpec>,
-    frontends: Vec<(Frontend, FrontendState)>,
+    spec: Arc<ServiceSpec>,
+    slices: Vec<Arc<SliceSpec>>,
+    frontends: Vec<(Frontend, Arc<FrontendState>)>,
 }
 
 impl DesiredCache {
@@ -803,38 +822,91 @@ impl DesiredCache {
     pub fn update(&mut self, snapshot: &Snapshot, node: &NodeContext) -> (Desired, usize) {
         if *node != self.node {
             self.entries.clear();
+            self.desired.frontends.clear();
+            self.claims.clear();
             self.node = node.clone();
         }
-        let by_service = slices_by_service(snapshot.slices.values());
+        let mut by_service: std::collections::HashMap<&NsName, Vec<&Arc<SliceSpec>>> =
+            std::collections::HashMap::with_capacity(snapshot.slices.len());
+        for slice in snapshot.slices.values() {
+            by_service.entry(&slice.service).or_default().push(slice);
+        }
         let mut recomputed = 0;
-        self.entries
-            .retain(|id, _| snapshot.services.contains_key(id));
+        let mut kept = 0;
+        // Two Services claiming one frontend (a clash the API server would refuse, possible in a
+        // config dir): the map is then rebuilt whole, last Service winning, as before caching.
+        let mut clash = false;
         for (id, svc) in &snapshot.services {
             let slices = by_service.get(id).map(Vec::as_slice).unwrap_or_default();
-            let unchanged = self.entries.get(id).is_some_and(|e| {
-                e.spec == *svc
+            if let Some(e) = self.entries.get(id) {
+                kept += 1;
+                let unchanged = e.spec == *svc
                     && e.slices.len() == slices.len()
-                    && e.slices.iter().zip(slices).all(|(a, b)| a == *b)
-            });
-            if unchanged {
-                continue;
+                    && e.slices.iter().zip(slices).all(|(a, b)| a == *b);
+                if unchanged {
+                    continue;
+                }
             }
             recomputed += 1;
-            self.entries.insert(
-                id.clone(),
-                CacheEntry {
-                    spec: svc.clone(),
-                    slices: slices.iter().map(|s| (*s).clone()).collect(),
-                    frontends: service_frontends(svc, slices, node),
-                },
-            );
+            let entry = CacheEntry {
+                spec: Arc::clone(svc),
+                slices: slices.iter().map(|s| Arc::clone(s)).collect(),
+                frontends: service_frontends(svc, slices, node)
+                    .into_iter()
+                    .map(|(f, st)| (f, Arc::new(st)))
+                    .collect(),
+            };
+            if let Some(old) = self.entries.insert(id.clone(), entry) {
+                clash |= self.forget(&old);
+            }
+            if let Some(e) = self.entries.get(id) {
+                for (f, st) in &e.frontends {
+                    self.desired.frontends.insert(*f, Arc::clone(st));
+                    let n = self.claims.entry(*f).or_default();
+                    *n += 1;
+                    clash |= *n > 1;
+                }
+            }
         }
-        let frontends = self
-            .entries
-            .values()
-            .flat_map(|e| e.frontends.iter().cloned())
-            .collect();
-        (Desired { frontends }, recomputed)
+        if kept < self.entries.len() {
+            let gone: Vec<NsName> = self
+                .entries
+                .keys()
+                .filter(|id| !snapshot.services.contains_key(*id))
+                .cloned()
+                .collect();
+            for id in gone {
+                if let Some(old) = self.entries.remove(&id) {
+                    clash |= self.forget(&old);
+                }
+            }
+        }
+        if clash {
+            self.desired.frontends = self
+                .entries
+                .values()
+                .flat_map(|e| e.frontends.iter().cloned())
+                .collect();
+        }
+        (self.desired.clone(), recomputed)
+    }
+
+    /// Removes an entry's frontends from the map; true if another entry claims one of them too.
+    fn forget(&mut self, old: &CacheEntry) -> bool {
+        let mut clash = false;
+        for (f, _) in &old.frontends {
+            match self.claims.get_mut(f) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    clash = true;
+                }
+                _ => {
+                    self.claims.remove(f);
+                    self.desired.frontends.remove(f);
+                }
+            }
+        }
+        clash
     }
 }
 

@@ -3,7 +3,8 @@
 //! in full into free chunks of the slot arena, then the frontend entry is switched to it in one map
 //! update, then the old chunks are released (reused only after a quarantine), so no packet ever sees a
 //! half-written table.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use std::net::Ipv4Addr;
 use tracing::{error, warn};
@@ -67,21 +68,32 @@ pub struct Adopted {
 #[derive(Clone, Debug)]
 struct Programmed {
     value: ServiceValue,
-    /// `None` for a frontend adopted from pinned maps: its backend set is unknown, so it is rewritten.
-    backends: Option<BTreeSet<BackendAddr>>,
-    drop_when_empty: bool,
-    source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// What was programmed, shared with the desired state it came from; `None` for a frontend adopted
+    /// from pinned maps (its backend set is unknown, so it is rewritten).
+    state: Option<Arc<FrontendState>>,
 }
 
 impl Programmed {
     /// Whether the datapath already does what `state` asks.
-    fn matches(&self, state: &crate::model::FrontendState) -> bool {
-        self.backends.as_ref() == Some(&state.backends)
-            // An empty frontend is also rewritten when it switches between reject and drop.
-            && (!state.backends.is_empty() || self.drop_when_empty == state.drop_when_empty)
-            && self.value.affinity_timeout_s == state.affinity_timeout_s
-            && self.source_ranges == state.source_ranges
-            && (self.value.flags & SVC_FLAG_L7 != 0) == state.l7
+    fn matches(&self, state: &Arc<FrontendState>) -> bool {
+        let Some(mine) = &self.state else {
+            return false;
+        };
+        Arc::ptr_eq(mine, state)
+            || (mine.backends == state.backends
+                // An empty frontend is also rewritten when it switches between reject and drop.
+                && (!state.backends.is_empty() || mine.drop_when_empty == state.drop_when_empty)
+                && mine.affinity_timeout_s == state.affinity_timeout_s
+                && mine.source_ranges == state.source_ranges
+                && mine.l7 == state.l7)
+    }
+
+    /// The source ranges in the map for this frontend (none known for an adopted one: ranges left in
+    /// the map are harmless to other frontends and the rewrite adds what this one needs).
+    fn source_ranges(&self) -> &[(Ipv4Addr, u8)] {
+        self.state
+            .as_ref()
+            .map_or(&[], |s| s.source_ranges.as_slice())
     }
 }
 
@@ -99,6 +111,13 @@ pub struct Reconciler<W> {
     backend_ids: BTreeMap<BackendAddr, u32>,
     free_backend_ids: Vec<u32>,
     next_backend_id: u32,
+    /// How many programmed frontends use each backend; a backend is deleted when its count falls to
+    /// zero (checked only for `unreferenced` candidates, so a sync costs what changed, not N).
+    backend_refs: HashMap<BackendAddr, u32>,
+    /// Backends whose count fell to zero (or were never referenced) since the last sync.
+    unreferenced: Vec<BackendAddr>,
+    /// Adopted frontends not yet rewritten: until none is left, any adopted backend may be in use.
+    adopted_pending: usize,
     arena: SlotArena,
     /// Tables found in the pinned maps: those no frontend uses after the first sync are deleted.
     orphan_tables: Vec<u32>,
@@ -190,17 +209,7 @@ impl<W: MapWriter> Reconciler<W> {
                     "adopted frontend's Maglev table does not fit the arena"
                 );
             }
-            frontends.insert(
-                key,
-                Programmed {
-                    value,
-                    backends: None,
-                    drop_when_empty: false,
-                    // Unknown after a restart; ranges left in the map are harmless to other frontends
-                    // and the rewrite adds what this one needs.
-                    source_ranges: Vec::new(),
-                },
-            );
+            frontends.insert(key, Programmed { value, state: None });
         }
         let mut backend_ids = BTreeMap::new();
         let mut max_backend = 0;
@@ -227,8 +236,12 @@ impl<W: MapWriter> Reconciler<W> {
         let orphan_tables = adopted.tables;
         let mut r = Self {
             writer,
+            adopted_pending: frontends.len(),
             frontends,
+            // Every adopted backend is a candidate for deletion once the adopted frontends are rewritten.
+            unreferenced: backend_ids.keys().copied().collect(),
             backend_ids,
+            backend_refs: HashMap::new(),
             free_backend_ids: Vec::new(),
             next_backend_id: max_backend.saturating_add(1).max(1),
             arena,
@@ -278,12 +291,26 @@ impl<W: MapWriter> Reconciler<W> {
     pub fn sync(&mut self, desired: &Desired) -> SyncReport {
         let mut report = SyncReport::default();
 
-        let wanted: BTreeSet<BackendAddr> = desired
-            .frontends
-            .values()
-            .flat_map(|f| f.backends.iter().copied())
-            .collect();
-        for b in &wanted {
+        // What differs. An unchanged frontend is usually the very allocation programmed last time;
+        // one equal in content takes the new allocation, so the old one can be freed.
+        let mut changed: Vec<(&Frontend, &Arc<FrontendState>)> = Vec::new();
+        let mut present = 0usize;
+        for (frontend, state) in &desired.frontends {
+            if let Some(p) = self.frontends.get_mut(&service_key(frontend)) {
+                present += 1;
+                if p.matches(state) {
+                    if let Some(mine) = p.state.as_mut()
+                        && !Arc::ptr_eq(mine, state)
+                    {
+                        *mine = Arc::clone(state);
+                    }
+                    continue;
+                }
+            }
+            changed.push((frontend, state));
+        }
+
+        for b in changed.iter().flat_map(|(_, s)| s.backends.iter()) {
             if self.backend_ids.contains_key(b) {
                 continue;
             }
@@ -291,6 +318,8 @@ impl<W: MapWriter> Reconciler<W> {
             match self.writer.put_backend(id, backend_value(b)) {
                 Ok(()) => {
                     self.backend_ids.insert(*b, id);
+                    // Deleted again at the end of this sync if its frontend could not be written.
+                    self.unreferenced.push(*b);
                 }
                 Err(e) => {
                     error!(backend = %b, "cannot program backend: {e}");
@@ -300,13 +329,18 @@ impl<W: MapWriter> Reconciler<W> {
             }
         }
 
-        let wanted_keys: BTreeSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
-        let stale: Vec<ServiceKey> = self
-            .frontends
-            .keys()
-            .filter(|k| !wanted_keys.contains(k))
-            .copied()
-            .collect();
+        // Frontends no longer wanted: only looked for when some programmed frontend is not in
+        // `desired`.
+        let stale: Vec<ServiceKey> = if present == self.frontends.len() {
+            Vec::new()
+        } else {
+            let wanted: HashSet<ServiceKey> = desired.frontends.keys().map(service_key).collect();
+            self.frontends
+                .keys()
+                .filter(|k| !wanted.contains(k))
+                .copied()
+                .collect()
+        };
         // kube-proxy clears the conntrack entries of deleted UDP Services, so their datagrams stop
         // reaching the old backends; TCP connections, as with kube-proxy, live on until they close.
         let purge: BTreeSet<ServiceKey> = stale
@@ -319,9 +353,10 @@ impl<W: MapWriter> Reconciler<W> {
                 Ok(()) => {
                     if let Some(old) = self.frontends.remove(&key) {
                         self.drop_table(old.value);
-                        for r in old.source_ranges {
-                            let _ = self.writer.delete_source_range(key, r);
+                        for r in old.source_ranges() {
+                            let _ = self.writer.delete_source_range(key, *r);
                         }
+                        self.release_state(old.state.as_ref());
                     }
                     report.frontends_deleted += 1;
                 }
@@ -347,19 +382,9 @@ impl<W: MapWriter> Reconciler<W> {
         }
 
         // Writes after deletions, so the room deleted frontends free (map entries, arena chunks) is
-        // available to the frontends being written.
-        let changed: Vec<(&Frontend, &FrontendState)> = desired
-            .frontends
-            .iter()
-            .filter(|(f, state)| {
-                !self
-                    .frontends
-                    .get(&service_key(f))
-                    .is_some_and(|p| p.matches(state))
-            })
-            .collect();
-        // Tables are built in parallel a batch at a time (building is most of the work of a big sync;
-        // batches bound the memory of tables built but not yet written), then written in order.
+        // available to the frontends being written. Tables are built in parallel a batch at a time
+        // (building is most of the work of a big sync; batches bound the memory of tables built but
+        // not yet written), then written in order.
         for batch in changed.chunks(TABLE_BATCH) {
             let tables = self.build_tables(batch);
             for ((frontend, state), table) in batch.iter().zip(tables) {
@@ -374,23 +399,14 @@ impl<W: MapWriter> Reconciler<W> {
         }
 
         // Backends go last: only once no table can point at them any more.
-        let referenced: BTreeSet<BackendAddr> = self
-            .frontends
-            .values()
-            .filter_map(|p| p.backends.as_ref())
-            .flatten()
-            .copied()
-            .collect();
-        let unused: Vec<(BackendAddr, u32)> = self
-            .backend_ids
-            .iter()
-            .filter(|(b, _)| !referenced.contains(b) && !wanted.contains(b))
-            .map(|(b, id)| (*b, *id))
-            .collect();
-        // Adopted frontends not yet rewritten may still point at any adopted backend.
-        let adopted_pending = self.frontends.values().any(|p| p.backends.is_none());
-        if !adopted_pending {
-            for (b, id) in unused {
+        if self.adopted_pending == 0 {
+            for b in std::mem::take(&mut self.unreferenced) {
+                if self.backend_refs.contains_key(&b) {
+                    continue;
+                }
+                let Some(&id) = self.backend_ids.get(&b) else {
+                    continue;
+                };
                 match self.writer.delete_backend(id) {
                     Ok(()) => {
                         self.backend_ids.remove(&b);
@@ -398,6 +414,7 @@ impl<W: MapWriter> Reconciler<W> {
                     }
                     Err(e) => {
                         error!(backend = %b, "cannot delete backend: {e}");
+                        self.unreferenced.push(b);
                         report.errors += 1;
                     }
                 }
@@ -406,6 +423,30 @@ impl<W: MapWriter> Reconciler<W> {
 
         self.prune_orphan_tables();
         report
+    }
+
+    /// Counts `state`'s backends as used by a programmed frontend.
+    fn hold_state(&mut self, state: &FrontendState) {
+        for b in &state.backends {
+            *self.backend_refs.entry(*b).or_default() += 1;
+        }
+    }
+
+    /// Undoes [`Self::hold_state`] for a frontend's previous programming (`None`: it was adopted).
+    fn release_state(&mut self, state: Option<&Arc<FrontendState>>) {
+        let Some(state) = state else {
+            self.adopted_pending = self.adopted_pending.saturating_sub(1);
+            return;
+        };
+        for b in &state.backends {
+            if let Some(n) = self.backend_refs.get_mut(b) {
+                *n -= 1;
+                if *n == 0 {
+                    self.backend_refs.remove(b);
+                    self.unreferenced.push(*b);
+                }
+            }
+        }
     }
 
     fn alloc_backend_id(&mut self) -> u32 {
@@ -445,7 +486,7 @@ impl<W: MapWriter> Reconciler<W> {
     /// every CPU.
     fn build_tables(
         &self,
-        batch: &[(&Frontend, &FrontendState)],
+        batch: &[(&Frontend, &Arc<FrontendState>)],
     ) -> Vec<Result<Option<BuiltTable>, MapError>> {
         let ids = &self.backend_ids;
         let build = |state: &FrontendState| build_table(ids, state);
@@ -489,10 +530,9 @@ impl<W: MapWriter> Reconciler<W> {
     fn write_frontend(
         &mut self,
         key: ServiceKey,
-        state: &FrontendState,
+        state: &Arc<FrontendState>,
         table: Option<BuiltTable>,
     ) -> Result<(), MapError> {
-        let backends = &state.backends;
         let drop_when_empty = state.drop_when_empty;
         // A table this call wrote (to be released if the frontend cannot be switched to it).
         let mut new_table = None;
@@ -518,7 +558,7 @@ impl<W: MapWriter> Reconciler<W> {
                 let adopted_base = self
                     .frontends
                     .get(&key)
-                    .filter(|p| p.backends.is_none() && p.value.table_size == size)
+                    .filter(|p| p.state.is_none() && p.value.table_size == size)
                     .map(|p| p.value.table_base);
                 let table_base = match adopted_base {
                     Some(base) if self.writer.table_equals(base, &table) => base,
@@ -543,7 +583,7 @@ impl<W: MapWriter> Reconciler<W> {
         let old_ranges: Vec<(Ipv4Addr, u8)> = self
             .frontends
             .get(&key)
-            .map(|p| p.source_ranges.clone())
+            .map(|p| p.source_ranges().to_vec())
             .unwrap_or_default();
         // Allowed prefixes go in before the frontend starts checking them, and leave after it stops.
         for r in state
@@ -574,20 +614,20 @@ impl<W: MapWriter> Reconciler<W> {
                 warn!(?r, "cannot delete a source range: {e}");
             }
         }
+        self.hold_state(state);
         let old = self.frontends.insert(
             key,
             Programmed {
                 value,
-                backends: Some(backends.clone()),
-                drop_when_empty,
-                source_ranges: state.source_ranges.clone(),
+                state: Some(Arc::clone(state)),
             },
         );
-        if let Some(old) = old
-            && (old.value.table_size != value.table_size
-                || old.value.table_base != value.table_base)
-        {
-            self.drop_table(old.value);
+        if let Some(old) = old {
+            if old.value.table_size != value.table_size || old.value.table_base != value.table_base
+            {
+                self.drop_table(old.value);
+            }
+            self.release_state(old.state.as_ref());
         }
         Ok(())
     }

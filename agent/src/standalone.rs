@@ -68,8 +68,8 @@ enum ObjectKey {
 /// A valid object; `None` inside means valid but not ours to program (headless, another proxy's, …).
 #[derive(Clone, Debug, PartialEq)]
 enum Object {
-    Service(Option<ServiceSpec>),
-    Slice(Option<SliceSpec>),
+    Service(Option<std::sync::Arc<ServiceSpec>>),
+    Slice(Option<std::sync::Arc<SliceSpec>>),
     Route(Box<HttpRoute>),
     Fault(Box<HttpFaultInjection>),
 }
@@ -167,14 +167,18 @@ impl ConfigDir {
                     (ObjectKey::Service(id), Object::Service(spec)) => {
                         let dup = snapshot.services.contains_key(id);
                         if let Some(spec) = spec {
-                            snapshot.services.insert(id.clone(), spec.clone());
+                            snapshot
+                                .services
+                                .insert(id.clone(), std::sync::Arc::clone(spec));
                         }
                         dup
                     }
                     (ObjectKey::Slice(id), Object::Slice(spec)) => {
                         let dup = snapshot.slices.contains_key(id);
                         if let Some(spec) = spec {
-                            snapshot.slices.insert(id.clone(), spec.clone());
+                            snapshot
+                                .slices
+                                .insert(id.clone(), std::sync::Arc::clone(spec));
                         }
                         dup
                     }
@@ -282,13 +286,15 @@ fn load_file(
         let (key, parsed) = match (meta.api_version.as_deref(), meta.kind.as_deref()) {
             (Some("v1"), Some("Service")) => (
                 ObjectKey::Service(id.clone()),
-                decode::<Service>(value)
-                    .and_then(|s| ServiceSpec::from_k8s(&s).map(Object::Service)),
+                decode::<Service>(value).and_then(|s| {
+                    ServiceSpec::from_k8s(&s).map(|o| Object::Service(o.map(std::sync::Arc::new)))
+                }),
             ),
             (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => (
                 ObjectKey::Slice(id.clone()),
-                decode::<EndpointSlice>(value)
-                    .and_then(|s| SliceSpec::from_k8s(&s).map(Object::Slice)),
+                decode::<EndpointSlice>(value).and_then(|s| {
+                    SliceSpec::from_k8s(&s).map(|o| Object::Slice(o.map(std::sync::Arc::new)))
+                }),
             ),
             (Some("gateway.networking.k8s.io/v1"), Some("HTTPRoute")) => (
                 ObjectKey::Route(id.clone()),

@@ -30,3 +30,37 @@ pub struct FrontendInfo {
     pub table_base: Option<u32>,
     pub table_size: u32,
 }
+
+/// What the last sync programmed, kept as the sync left it (shared frontend states, no copies) and
+/// turned into [`FrontendInfo`]s only when `/state` is asked for: rendering 30,000 frontends' strings
+/// at every sync cost more than the sync itself.
+#[derive(Debug, Default)]
+pub struct ProgrammedView {
+    pub frontends: Vec<(
+        crate::model::Frontend,
+        std::sync::Arc<crate::model::FrontendState>,
+        Option<weir_common::ServiceValue>,
+    )>,
+}
+
+impl ProgrammedView {
+    pub fn frontend_infos(&self) -> Vec<FrontendInfo> {
+        self.frontends
+            .iter()
+            .map(|(f, state, value)| FrontendInfo {
+                service: state.service.to_string(),
+                port_name: state.port_name.clone(),
+                ip: f.ip.to_string(),
+                port: f.port,
+                protocol: f.protocol.to_string(),
+                backends: state
+                    .backends
+                    .iter()
+                    .map(|b| format!("{}:{}", b.ip, b.port))
+                    .collect(),
+                table_base: value.filter(|v| v.table_size > 0).map(|v| v.table_base),
+                table_size: value.map_or(0, |v| v.table_size),
+            })
+            .collect()
+    }
+}

@@ -497,8 +497,8 @@ fn after_410_gone_the_agent_relists_and_converges_to_the_new_state() {
     s.api.compact();
     assert_eq!(
         s.api.drop_watches(),
-        4,
-        "services, slices, node and routes were watched"
+        5,
+        "services, slices, node, routes and fault injections were watched"
     );
     let (a, c) = (&s.backends[0], &s.backends[2]);
     s.api
@@ -590,7 +590,8 @@ fn a_dropped_watch_connection_is_resumed_from_the_last_version_without_relisting
     let watches = s.api.count(Verb::Watch, "endpointslices");
     let seen_rv = s.api.resource_version();
 
-    assert_eq!(s.api.drop_watches(), 4);
+    // Services, EndpointSlices, the Node, HTTPRoutes and HTTPFaultInjections.
+    assert_eq!(s.api.drop_watches(), 5);
     let (b, c) = (&s.backends[1], &s.backends[2]);
     s.api
         .apply_all(echo("echo", CLUSTER_IP, &[b, c]))

@@ -77,7 +77,10 @@ impl ServiceDirectory {
     /// The directory for the agent's state: every ClusterIP × TCP port of every Service is a frontend,
     /// and a Service port's endpoints are the backends the datapath would use for its ClusterIP (so
     /// readiness, traffic policy and topology are chosen exactly as for L4 traffic).
-    pub fn from_model(services: &BTreeMap<NsName, ServiceSpec>, desired: &Desired) -> Self {
+    pub fn from_model(
+        services: &BTreeMap<NsName, std::sync::Arc<ServiceSpec>>,
+        desired: &Desired,
+    ) -> Self {
         let mut dir = Self::default();
         for svc in services.values() {
             for port in svc.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
@@ -160,7 +163,7 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
             },
-            FrontendState {
+            std::sync::Arc::new(FrontendState {
                 service: ns("web"),
                 port_name: "http".into(),
                 backends: BTreeSet::from([
@@ -179,9 +182,9 @@ mod tests {
                 affinity_timeout_s: 0,
                 source_ranges: vec![],
                 l7: false,
-            },
+            }),
         );
-        let services = BTreeMap::from([(ns("web"), spec)]);
+        let services = BTreeMap::from([(ns("web"), std::sync::Arc::new(spec))]);
         let dir = ServiceDirectory::from_model(&services, &desired);
         let f = dir
             .frontend(&"10.96.0.10:80".parse().expect("addr"))

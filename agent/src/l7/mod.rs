@@ -19,7 +19,7 @@
 //! # async fn run(
 //! #     registry: &mut prometheus_client::registry::Registry,
 //! #     routes: Vec<HttpRoute>,
-//! #     services: BTreeMap<NsName, ServiceSpec>,
+//! #     services: BTreeMap<NsName, std::sync::Arc<ServiceSpec>>,
 //! #     desired: Desired,
 //! # ) -> std::io::Result<()> {
 //! use weir_agent::l7::{L7Proxy, LocalAddr, ProxyConfig, RouteTable, ServiceDirectory};

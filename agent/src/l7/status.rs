@@ -89,7 +89,10 @@ fn service_has_port(spec: &ServiceSpec, port: Option<u16>, section: Option<&str>
 }
 
 /// The first reason ResolvedRefs is false, and every problem, for a valid route.
-fn resolved_refs(route: &Route, services: &BTreeMap<NsName, ServiceSpec>) -> RouteCondition {
+fn resolved_refs(
+    route: &Route,
+    services: &BTreeMap<NsName, std::sync::Arc<ServiceSpec>>,
+) -> RouteCondition {
     let mut reason: Option<&'static str> = None;
     let mut messages: Vec<String> = Vec::new();
     let mut problem = |r: &'static str, m: String| {
@@ -163,7 +166,7 @@ fn resolved_refs(route: &Route, services: &BTreeMap<NsName, ServiceSpec>) -> Rou
 /// The status of every route with at least one Service parentRef, sorted by route.
 pub fn compute(
     routes: &BTreeMap<NsName, HttpRoute>,
-    services: &BTreeMap<NsName, ServiceSpec>,
+    services: &BTreeMap<NsName, std::sync::Arc<ServiceSpec>>,
     faults: &Faults,
 ) -> Vec<RouteStatus> {
     let mut out = Vec::new();
@@ -239,7 +242,7 @@ mod tests {
     use super::*;
     use crate::l7::route::http_route_from_yaml;
 
-    fn services() -> BTreeMap<NsName, ServiceSpec> {
+    fn services() -> BTreeMap<NsName, std::sync::Arc<ServiceSpec>> {
         let mut m = BTreeMap::new();
         for name in ["web", "v1"] {
             let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(&format!(
@@ -247,7 +250,7 @@ mod tests {
             ))
             .expect("service");
             let spec = ServiceSpec::from_k8s(&svc).expect("valid").expect("ours");
-            m.insert(spec.id.clone(), spec);
+            m.insert(spec.id.clone(), std::sync::Arc::new(spec));
         }
         m
     }

@@ -80,7 +80,7 @@ fn service_without_slices_has_a_rejecting_frontend() {
     let svc = ServiceSpec::from_k8s(&service(WEB))
         .expect("valid")
         .expect("ours");
-    let d = desired([&svc], [], &NodeContext::default());
+    let d = desired([&svc], [] as [&SliceSpec; 0], &NodeContext::default());
     assert_eq!(served(&d), 2);
     assert!(d.frontends.values().all(|f| f.backends.is_empty()));
 }
@@ -148,17 +148,21 @@ fn services_that_are_not_ours_are_skipped() {
         .expect("parsed");
     let mut node = NodeContext::default();
     assert!(
-        desired([&spec], [], &node).frontends.is_empty(),
+        desired([&spec], [] as [&SliceSpec; 0], &node)
+            .frontends
+            .is_empty(),
         "not ours without a proxy name"
     );
     node.service_proxy_name = Some("weir".into());
     assert!(
-        desired([&spec], [], &node).frontends.is_empty(),
+        desired([&spec], [] as [&SliceSpec; 0], &node)
+            .frontends
+            .is_empty(),
         "labelled for another proxy"
     );
     node.service_proxy_name = Some("other".into());
     assert_eq!(
-        served(&desired([&spec], [], &node)),
+        served(&desired([&spec], [] as [&SliceSpec; 0], &node)),
         2,
         "ours when the names match"
     );
@@ -184,8 +188,12 @@ fn the_cache_recomputes_only_services_whose_inputs_changed() {
                 ),
         );
         let sl = SliceSpec::from_k8s(&sl).expect("valid").expect("ours");
-        snapshot.services.insert(spec.id.clone(), spec);
-        snapshot.slices.insert(sl.id.clone(), sl);
+        snapshot
+            .services
+            .insert(spec.id.clone(), std::sync::Arc::new(spec));
+        snapshot
+            .slices
+            .insert(sl.id.clone(), std::sync::Arc::new(sl));
     }
     let mut cache = DesiredCache::default();
     let (first, n) = cache.update(&snapshot, &NodeContext::default());
@@ -206,7 +214,9 @@ fn the_cache_recomputes_only_services_whose_inputs_changed() {
         namespace: "shop".into(),
         name: "svc-7-abc".into(),
     };
-    snapshot.slices.get_mut(&id).expect("slice").endpoints.pop();
+    std::sync::Arc::make_mut(snapshot.slices.get_mut(&id).expect("slice"))
+        .endpoints
+        .pop();
     let gone = NsName {
         namespace: "shop".into(),
         name: "svc-9".into(),
@@ -472,4 +482,51 @@ fn every_cluster_ip_rejects_ports_no_service_defines() {
         }];
         assert!(any.backends.is_empty() && !any.drop_when_empty, "rejects");
     }
+}
+
+#[test]
+fn the_cache_agrees_with_a_full_computation_when_services_clash() {
+    let spec = |name: &str, ip: &str| {
+        let svc = service(
+            &WEB.replace("name: web", &format!("name: {name}"))
+                .replace("10.96.0.10", ip),
+        );
+        std::sync::Arc::new(ServiceSpec::from_k8s(&svc).expect("valid").expect("ours"))
+    };
+    let node = NodeContext::default();
+    let full = |s: &Snapshot| desired(s.services.values(), s.slices.values(), &node);
+    let mut snapshot = Snapshot::default();
+    let mut cache = DesiredCache::default();
+    for (name, ip) in [
+        ("a", "10.96.0.10"),
+        ("b", "10.96.0.10"),
+        ("c", "10.96.0.11"),
+    ] {
+        let s = spec(name, ip);
+        snapshot.services.insert(s.id.clone(), s);
+        assert_eq!(
+            cache.update(&snapshot, &node).0,
+            full(&snapshot),
+            "after adding {name}"
+        );
+    }
+    // b (sorting after a) owns the clashing frontend; removing either leaves the other's.
+    for name in ["b", "a"] {
+        let id = snapshot
+            .services
+            .keys()
+            .find(|id| id.name == name)
+            .cloned()
+            .expect("service");
+        snapshot.services.remove(&id);
+        assert_eq!(
+            cache.update(&snapshot, &node).0,
+            full(&snapshot),
+            "after removing {name}"
+        );
+    }
+    assert_eq!(
+        cache.update(&snapshot, &node).0.frontends.len(),
+        full(&snapshot).frontends.len()
+    );
 }

@@ -137,7 +137,7 @@ fn desired(entries: &[(Frontend, &[u8])]) -> Desired {
     for (f, backends) in entries {
         d.frontends.insert(
             *f,
-            FrontendState {
+            Arc::new(FrontendState {
                 service: NsName {
                     namespace: "default".into(),
                     name: format!("svc-{}", f.ip),
@@ -155,7 +155,7 @@ fn desired(entries: &[(Frontend, &[u8])]) -> Desired {
                         protocol: Protocol::Tcp,
                     })
                     .collect(),
-            },
+            }),
         );
     }
     d
@@ -290,7 +290,8 @@ fn source_ranges_follow_the_frontend() {
     let f = frontend(10);
     let mut d = desired(&[(f, &[1])]);
     let net = |a: u8, len: u8| (Ipv4Addr::new(192, 0, 2, a), len);
-    d.frontends.get_mut(&f).expect("frontend").source_ranges = vec![net(0, 24), net(128, 25)];
+    Arc::make_mut(d.frontends.get_mut(&f).expect("frontend")).source_ranges =
+        vec![net(0, 24), net(128, 25)];
     r.sync(&d);
     let v = r.writer().services[&service_key(&f)];
     assert_eq!(
@@ -299,11 +300,11 @@ fn source_ranges_follow_the_frontend() {
     );
     assert_eq!(r.writer().ranges.len(), 2);
 
-    d.frontends.get_mut(&f).expect("frontend").source_ranges = vec![net(0, 24)];
+    Arc::make_mut(d.frontends.get_mut(&f).expect("frontend")).source_ranges = vec![net(0, 24)];
     r.sync(&d);
     assert_eq!(r.writer().ranges.len(), 1, "the removed range is deleted");
 
-    d.frontends.get_mut(&f).expect("frontend").source_ranges = Vec::new();
+    Arc::make_mut(d.frontends.get_mut(&f).expect("frontend")).source_ranges = Vec::new();
     r.sync(&d);
     let v = r.writer().services[&service_key(&f)];
     assert_eq!(
@@ -313,7 +314,7 @@ fn source_ranges_follow_the_frontend() {
     );
     assert!(r.writer().ranges.is_empty());
 
-    d.frontends.get_mut(&f).expect("frontend").source_ranges = vec![net(0, 24)];
+    Arc::make_mut(d.frontends.get_mut(&f).expect("frontend")).source_ranges = vec![net(0, 24)];
     r.sync(&d);
     r.sync(&desired(&[]));
     assert!(r.writer().ranges.is_empty(), "deleted with the frontend");
@@ -403,4 +404,29 @@ fn adopted_tables_that_are_already_right_are_kept_in_place() {
             .frontends_written,
         0
     );
+}
+
+#[test]
+fn a_backend_shared_by_frontends_lives_until_the_last_one_lets_go() {
+    let mut r = Reconciler::new(FakeMaps::default());
+    let (a, b) = (frontend(10), frontend(11));
+    r.sync(&desired(&[(a, &[1, 2]), (b, &[2, 3])]));
+    assert_eq!(r.writer().backends.len(), 3);
+    // b drops 2, a still uses it.
+    r.sync(&desired(&[(a, &[1, 2]), (b, &[3])]));
+    assert_eq!(r.writer().backends.len(), 3);
+    // a goes away: 1 and 2 are unused now.
+    let report = r.sync(&desired(&[(b, &[3])]));
+    assert_eq!(report.frontends_deleted, 1);
+    let left: Vec<Ipv4Addr> = r
+        .writer()
+        .backends
+        .values()
+        .map(|b| Ipv4Addr::from(u32::from_be(b.addr_be)))
+        .collect();
+    assert_eq!(left, [Ipv4Addr::new(10, 0, 0, 3)]);
+    // The same desired state again writes nothing (the frontend state is shared, not compared).
+    let d = desired(&[(b, &[3])]);
+    r.sync(&d);
+    assert_eq!(r.sync(&d).frontends_written, 0);
 }

@@ -960,7 +960,7 @@ fn slice_change(
         .collect();
     let set = |rig: &mut Rig, eps: &[weir_agent::model::Endpoint]| {
         if let Some(slice) = rig.snapshot.slices.get_mut(&slice_id) {
-            slice.endpoints = eps.to_vec();
+            std::sync::Arc::make_mut(slice).endpoints = eps.to_vec();
         }
     };
     set(rig, &endpoints);
