@@ -98,7 +98,7 @@ impl Ip4 {
     /// Header + `payload`, with the total length and header checksum computed.
     pub fn packet(&self, payload: &[u8]) -> Vec<u8> {
         let mut options = self.options.clone();
-        while options.len() % 4 != 0 {
+        while !options.len().is_multiple_of(4) {
             options.push(0);
         }
         assert!(options.len() <= 40, "IPv4 options longer than 40 bytes");

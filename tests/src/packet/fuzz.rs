@@ -71,7 +71,7 @@ impl Rng {
 
     /// Uniform in `0..n` (`n` > 0).
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() >> 32) * n as u64 >> 32) as usize
+        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
     }
 
     pub fn chance(&mut self, percent: usize) -> bool {
@@ -348,12 +348,12 @@ fn judge(
             if !unchanged {
                 return Err("not ours, yet modified".into());
             }
-            return Ok("not_ours_unchanged");
+            Ok("not_ours_unchanged")
         }
-        _ if verdict == TC_ACT_SHOT => return Ok("dropped"),
-        _ if unchanged => return Ok("ours_unchanged"),
-        Allowed::Fragment => return Err("a fragment was modified".into()),
-        Allowed::IcmpError => return judge_icmp(rig, input, output),
+        _ if verdict == TC_ACT_SHOT => Ok("dropped"),
+        _ if unchanged => Ok("ours_unchanged"),
+        Allowed::Fragment => Err("a fragment was modified".into()),
+        Allowed::IcmpError => judge_icmp(rig, input, output),
         Allowed::L4(p) => judge_l4(rig, input, &p, output),
     }
 }
@@ -387,9 +387,9 @@ fn judge_l4(rig: &Rig, input: &[u8], p: &L4Packet, output: &[u8]) -> Result<&'st
         && output[o.l4_off + 13] & TCP_RST != 0
         && o.src == p.dst
         && o.dst == p.src
-        && !rig
+        && rig
             .conntrack(p.src, p.dst, p.proto)
-            .is_some_and(|c| c.kind == CT_REVERSE)
+            .is_none_or(|c| c.kind != CT_REVERSE)
     {
         if frame::ipv4_header_sum(output) != Sum::Valid || frame::l4_sum(output, &o) != Sum::Valid {
             return Err("RST built with a bad checksum".into());
