@@ -28,9 +28,18 @@ pub fn translate_error(ctx: &TcContext) -> Option<i32> {
     if (ctx.len() as usize) < NEEDED {
         return None;
     }
-    // Outer IPv4 without options, ICMP, an error type, quoting IPv4 without options.
+    // An IPv4 frame; outer IPv4 without options, whose total length covers the quote (bytes past it
+    // are not covered by the ICMP checksum), not a later fragment (whose payload is no ICMP header),
+    // ICMP, an error type, quoting IPv4 without options.
+    let eth_proto: [u8; 2] = ctx.load(ETH_HLEN - 2).ok()?;
     let outer: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
-    if outer[0] != 0x45 || outer[9] != PROTO_ICMP {
+    if eth_proto != [0x08, 0x00]
+        || outer[0] != 0x45
+        || (u16::from_be_bytes([outer[2], outer[3]]) as usize) < NEEDED - ETH_HLEN
+        || outer[6] & 0x1f != 0
+        || outer[7] != 0
+        || outer[9] != PROTO_ICMP
+    {
         return None;
     }
     let icmp_type: u8 = ctx.load(ICMP).ok()?;

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod http;
 pub mod lab;
 pub mod netns;
+pub mod packet;
 pub mod scenario;
 pub mod yaml;
 

@@ -1,8 +1,8 @@
 //! Developer tasks for Weir, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
 //!
 //! Each command lives in its own module: `setup` installs the prerequisites, `test` runs the whole
-//! suite (lints, unit tests, privileged integration tests), `demo` runs the one-node lab, and
-//! `build-ebpf` builds the eBPF object alone.
+//! suite (lints, unit tests, privileged integration tests), `demo` runs the one-node lab, `fuzz` the
+//! long packet fuzz run, and `build-ebpf` builds the eBPF object alone.
 
 use std::process::ExitCode;
 
@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -36,6 +37,9 @@ enum Command {
     Demo,
     /// Build the eBPF programs alone with the nightly toolchain (bpfel-unknown-none).
     BuildEbpf,
+    /// Fuzz the TC programs with random and mutated frames through BPF_PROG_TEST_RUN (default 10
+    /// million per program), checking the datapath's invariants; needs root.
+    Fuzz(fuzz::Args),
     /// Run setup, build the agent, then benchmark Weir against kube-proxy's iptables and nftables
     /// modes; writes bench-results/REPORT.md; needs root.
     Bench(xtask::bench::Args),
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Demo => demo_command(),
         Command::BuildEbpf => build_ebpf::run(),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Bench(args) => bench_command(&args),
     };
     match result {

@@ -1,0 +1,489 @@
+//! The agent's own eBPF object, loaded against a private bpffs and programmed by the agent's own
+//! `DesiredCache` + `Reconciler` from YAML, run through `BPF_PROG_TEST_RUN` inside a private network
+//! namespace (so the FIB lookups the programs make see routes this rig chose, not the host's).
+//!
+//! The namespace has `pod0` (a veth, no address: the node side of pod interfaces; routes to the pod
+//! networks 10.0.0.0/16 and 10.244.0.0/24) and `ext0` (a veth, 192.168.77.1/24, the external interface
+//! in `WEIR_EXT_IFACES`; the other node's pods 10.244.1.0/24 are routed via 192.168.77.2), and forwards.
+
+use std::collections::BTreeSet;
+use std::ffi::c_void;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail, ensure};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use weir_agent::datapath::{Capacities, Datapath, StatsReader};
+use weir_agent::model::{DesiredCache, NodeContext};
+use weir_agent::reconcile::{Adopted, Reconciler};
+use weir_agent::standalone::ConfigDir;
+use weir_common::{
+    Backend, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES, PROG_EXT_INGRESS,
+    PROG_POD_INGRESS, STAT_COUNT, STAT_NAMES, ServiceKey, ServiceValue,
+};
+
+use crate::netns::{self, NetNs, ip};
+use crate::yaml::{self, TrafficPolicy};
+
+/// TC verdicts as the programs return them.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// This node's address (on `ext0`), where NodePorts answer.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+/// The hairpin source (weir-common's `HAIRPIN_ADDR`).
+pub const HAIRPIN: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
+
+/// ClusterIP with one TCP (80 → 8080) and one UDP (53 → 5353) port and one endpoint, [`ONE_BACKEND`]:
+/// every translation to it is known exactly.
+pub const ONE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+pub const ONE_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 41);
+/// ClusterIP, TCP 80 → 8080, three endpoints ([`MANY_BACKENDS`]).
+pub const MANY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+pub const MANY_BACKENDS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 244, 0, 11),
+    Ipv4Addr::new(10, 244, 0, 12),
+    Ipv4Addr::new(10, 244, 0, 13),
+];
+/// ClusterIP with TCP 80 and UDP 53 and no endpoint: rejected.
+pub const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+/// NodePort 30080/TCP whose one endpoint lives on another node (reached through `ext0`: SNAT).
+pub const REMOTE_NODE_PORT: u16 = 30080;
+pub const REMOTE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 50);
+pub const REMOTE_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 21);
+/// NodePort 30081/TCP and 30053/UDP whose one endpoint is local (no SNAT).
+pub const LOCAL_NODE_PORT: u16 = 30081;
+pub const LOCAL_NODE_PORT_UDP: u16 = 30053;
+pub const LOCAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 60);
+pub const LOCAL_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 61);
+/// Every backend's TCP port; UDP backends listen on [`BACKEND_UDP_PORT`].
+pub const BACKEND_PORT: u16 = 8080;
+pub const BACKEND_UDP_PORT: u16 = 5353;
+
+/// Which program a frame is run through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Prog {
+    /// `weir_pod_ingress`, run as if the frame came in on `pod0`.
+    Pod,
+    /// `weir_ext_ingress`, run as if the frame came in on `ext0`.
+    Ext,
+}
+
+impl Prog {
+    pub const ALL: [Prog; 2] = [Prog::Pod, Prog::Ext];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Prog::Pod => PROG_POD_INGRESS,
+            Prog::Ext => PROG_EXT_INGRESS,
+        }
+    }
+}
+
+/// What one run returned: the verdict and the frame as the program left it.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub verdict: u32,
+    pub frame: Vec<u8>,
+}
+
+/// The loaded object, its programmed maps, and the namespace it runs in.
+pub struct Rig {
+    _datapath: Datapath,
+    stats: StatsReader,
+    pod: aya::programs::ProgramFd,
+    ext: aya::programs::ProgramFd,
+    pod_ifindex: u32,
+    ext_ifindex: u32,
+    conntrack: BpfHashMap<MapData, CtKey, CtValue>,
+    /// Frontends as programmed in `WEIR_SERVICES` (port 0: "any other port" of a ClusterIP).
+    pub frontends: BTreeSet<(Ipv4Addr, u16, u8)>,
+    /// Backends as programmed in `WEIR_BACKENDS`.
+    pub backends: BTreeSet<(Ipv4Addr, u16, u8)>,
+    /// When set, [`Rig::is_frontend`] and [`Rig::is_cluster_ip`] answer false for everything: the
+    /// fuzzer's own test uses it to show its judge catches rewrites of traffic that is not ours.
+    pub blind: bool,
+}
+
+/// A bpffs mounted for one rig under the harness's root (the stale-reaper knows these paths).
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn mount(id: &str) -> anyhow::Result<Self> {
+        let dir = Path::new("/run/weir-tests").join(id).join("bpf");
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        nix::mount::mount(
+            Some("bpf"),
+            &dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mount -t bpf bpf {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH).is_ok() {
+            let _ = std::fs::remove_dir(&self.0);
+            if let Some(parent) = self.0.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
+}
+
+/// A scratch config dir, removed on drop.
+struct ConfigTemp(PathBuf);
+
+impl Drop for ConfigTemp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Builds a rig (namespace, bpffs, loaded and programmed object) and runs `f` with it on a thread
+/// inside the namespace; everything is torn down afterwards, also when `f` panics. Panics when not
+/// root: these tests are never skipped.
+pub fn with_rig<T: Send>(f: impl FnOnce(&mut Rig) -> T + Send) -> T {
+    netns::require_root();
+    netns::reap_stale();
+    let id = netns::unique_id();
+    let ns = NetNs::create(&format!("weir-{id}-pkt")).expect("create the rig's netns");
+    setup_netns(ns.name()).expect("set up the rig's netns");
+    let bpffs = Bpffs::mount(&id).expect("mount the rig's bpffs");
+    let config = ConfigTemp(std::env::temp_dir().join(format!("weir-tests-{id}-packet")));
+    std::fs::create_dir_all(&config.0).expect("create the rig's config dir");
+    let result = netns::in_netns(ns.name(), || {
+        let mut rig = Rig::new(&bpffs.0, &config.0).expect("load and program the datapath");
+        f(&mut rig)
+    })
+    .expect("enter the rig's netns");
+    drop(bpffs);
+    drop(ns);
+    result
+}
+
+fn setup_netns(ns: &str) -> anyhow::Result<()> {
+    // Veth pairs (this kernel has no dummy driver), both ends up so the routes are usable.
+    let cmds: [&[&str]; 13] = [
+        &["link", "set", "lo", "up"],
+        &[
+            "link", "add", "pod0", "type", "veth", "peer", "name", "pod0p",
+        ],
+        &["link", "set", "pod0p", "up"],
+        &["link", "set", "pod0", "up"],
+        &[
+            "link", "add", "ext0", "type", "veth", "peer", "name", "ext0p",
+        ],
+        &["addr", "add", "192.168.77.1/24", "dev", "ext0"],
+        &["link", "set", "ext0p", "up"],
+        &["link", "set", "ext0", "up"],
+        &["route", "add", "10.0.0.0/16", "dev", "pod0"],
+        &["route", "add", "10.244.0.0/24", "dev", "pod0"],
+        &[
+            "route",
+            "add",
+            "10.244.1.0/24",
+            "via",
+            "192.168.77.2",
+            "dev",
+            "ext0",
+        ],
+        &["route", "add", "169.254.42.0/24", "dev", "pod0"],
+        &[
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            "192.168.77.254",
+            "dev",
+            "ext0",
+        ],
+    ];
+    for args in cmds {
+        let mut full = vec!["-n", ns];
+        full.extend_from_slice(args);
+        ip(&full)?;
+    }
+    netns::sysctl(ns, "net.ipv4.ip_forward", "1")
+}
+
+/// The Services and EndpointSlices the rig programs.
+fn config_yaml() -> String {
+    let ready = |ips: &[Ipv4Addr]| ips.iter().map(|&ip| (ip, true)).collect::<Vec<_>>();
+    let tcp = [("http", 80, "TCP", BACKEND_PORT)];
+    let tcp_udp = [
+        ("http", 80, "TCP", BACKEND_PORT),
+        ("dns", 53, "UDP", BACKEND_UDP_PORT),
+    ];
+    let slice_tcp = [("http", BACKEND_PORT, "TCP")];
+    let slice_tcp_udp = [
+        ("http", BACKEND_PORT, "TCP"),
+        ("dns", BACKEND_UDP_PORT, "UDP"),
+    ];
+    yaml::documents(&[
+        yaml::service_yaml("fx", "one", &ONE_VIP.to_string(), &tcp_udp),
+        yaml::endpointslice_yaml("fx", "one-1", "one", &slice_tcp_udp, &ready(&[ONE_BACKEND])),
+        yaml::service_yaml("fx", "many", &MANY_VIP.to_string(), &tcp),
+        yaml::endpointslice_yaml("fx", "many-1", "many", &slice_tcp, &ready(&MANY_BACKENDS)),
+        yaml::service_yaml("fx", "empty", &EMPTY_VIP.to_string(), &tcp_udp),
+        yaml::endpointslice_yaml("fx", "empty-1", "empty", &slice_tcp_udp, &[]),
+        yaml::nodeport_service_yaml(
+            "fx",
+            "remote",
+            &REMOTE_VIP.to_string(),
+            TrafficPolicy::Cluster,
+            &[("http", 80, "TCP", BACKEND_PORT, REMOTE_NODE_PORT)],
+        ),
+        yaml::endpointslice_yaml(
+            "fx",
+            "remote-1",
+            "remote",
+            &slice_tcp,
+            &ready(&[REMOTE_BACKEND]),
+        ),
+        yaml::nodeport_service_yaml(
+            "fx",
+            "local",
+            &LOCAL_VIP.to_string(),
+            TrafficPolicy::Cluster,
+            &[
+                ("http", 80, "TCP", BACKEND_PORT, LOCAL_NODE_PORT),
+                ("dns", 53, "UDP", BACKEND_UDP_PORT, LOCAL_NODE_PORT_UDP),
+            ],
+        ),
+        yaml::endpointslice_yaml(
+            "fx",
+            "local-1",
+            "local",
+            &slice_tcp_udp,
+            &ready(&[LOCAL_BACKEND]),
+        ),
+    ])
+}
+
+impl Rig {
+    fn new(pin_dir: &Path, config_dir: &Path) -> anyhow::Result<Self> {
+        let caps = Capacities {
+            services: 1024,
+            backends: 1024,
+            maglev_chunks: 1024,
+            affinity: 1024,
+            conntrack: 65536,
+        };
+        let (mut datapath, maps, stats) =
+            Datapath::load(pin_dir, caps).context("loading the agent's eBPF object")?;
+        let pod_ifindex = nix::net::if_::if_nametoindex("pod0").context("ifindex of pod0")?;
+        let ext_ifindex = nix::net::if_::if_nametoindex("ext0").context("ifindex of ext0")?;
+        datapath
+            .set_external_address(ext_ifindex, NODE_IP)
+            .context("WEIR_EXT_IFACES entry for ext0")?;
+
+        std::fs::write(config_dir.join("services.yaml"), config_yaml())
+            .context("write the rig's config")?;
+        let (snapshot, errors) = ConfigDir::new(config_dir)
+            .reload()
+            .context("read the rig's config")?;
+        ensure!(errors.is_empty(), "config errors: {}", errors.join("; "));
+        let node = NodeContext {
+            ips: vec![NODE_IP],
+            name: "fx-node".into(),
+            ..NodeContext::default()
+        };
+        let (desired, _) = DesiredCache::default().update(&snapshot, &node);
+        let mut reconciler = Reconciler::adopt(maps, Adopted::default());
+        let report = reconciler.sync(&desired);
+        ensure!(report.errors == 0, "sync had {} map errors", report.errors);
+        // The reconciler's handles stay open in the maps it wrote; the programs only need the pins.
+        drop(reconciler);
+
+        let open = |name: &str| {
+            MapData::from_pin(pin_dir.join(name)).with_context(|| format!("open pinned {name}"))
+        };
+        let services: BpfHashMap<_, ServiceKey, ServiceValue> =
+            BpfHashMap::try_from(Map::HashMap(open(MAP_SERVICES)?))?;
+        let mut frontends = BTreeSet::new();
+        for entry in services.keys() {
+            let k = entry.context("reading WEIR_SERVICES")?;
+            frontends.insert((
+                Ipv4Addr::from(u32::from_be(k.addr_be)),
+                u16::from_be(k.port_be),
+                k.proto,
+            ));
+        }
+        let backends_map: BpfHashMap<_, u32, Backend> =
+            BpfHashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?))?;
+        let mut backends = BTreeSet::new();
+        for entry in backends_map.iter() {
+            let (_, b) = entry.context("reading WEIR_BACKENDS")?;
+            backends.insert((
+                Ipv4Addr::from(u32::from_be(b.addr_be)),
+                u16::from_be(b.port_be),
+                b.proto,
+            ));
+        }
+        let conntrack = BpfHashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))?;
+        Ok(Self {
+            _datapath: datapath,
+            stats,
+            pod: find_program(pin_dir, PROG_POD_INGRESS)?,
+            ext: find_program(pin_dir, PROG_EXT_INGRESS)?,
+            pod_ifindex,
+            ext_ifindex,
+            conntrack,
+            frontends,
+            backends,
+            blind: false,
+        })
+    }
+
+    fn prog(&self, prog: Prog) -> (BorrowedFd<'_>, u32) {
+        match prog {
+            Prog::Pod => (self.pod.as_fd(), self.pod_ifindex),
+            Prog::Ext => (self.ext.as_fd(), self.ext_ifindex),
+        }
+    }
+
+    /// One `BPF_PROG_TEST_RUN` of `prog` on `frame`.
+    pub fn run(&self, prog: Prog, frame: &[u8]) -> io::Result<Outcome> {
+        let (fd, ifindex) = self.prog(prog);
+        test_run(fd, ifindex, frame)
+    }
+
+    /// `WEIR_STATS`, summed over CPUs, in `STAT_*` order.
+    pub fn counters(&self) -> Vec<u64> {
+        self.stats.counters()
+    }
+
+    /// The conntrack entry for a 5-tuple as on the wire, if any.
+    pub fn conntrack(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<CtValue> {
+        let key = CtKey {
+            saddr_be: u32::from(*src.ip()).to_be(),
+            daddr_be: u32::from(*dst.ip()).to_be(),
+            sport_be: src.port().to_be(),
+            dport_be: dst.port().to_be(),
+            proto,
+            pad: [0; 3],
+        };
+        self.conntrack.get(&key, 0).ok()
+    }
+
+    pub fn is_frontend(&self, addr: SocketAddrV4, proto: u8) -> bool {
+        !self.blind && self.frontends.contains(&(*addr.ip(), addr.port(), proto))
+    }
+
+    /// A ClusterIP's "any other port" entry exists for `addr`/`proto` (it rejects undefined ports).
+    pub fn is_cluster_ip(&self, addr: Ipv4Addr, proto: u8) -> bool {
+        !self.blind && self.frontends.contains(&(addr, 0, proto))
+    }
+
+    pub fn is_backend(&self, addr: SocketAddrV4, proto: u8) -> bool {
+        self.backends.contains(&(*addr.ip(), addr.port(), proto))
+    }
+}
+
+/// Per-reason counter deltas between two [`Rig::counters`] readings, as `name=delta` for the non-zero
+/// ones (in `STAT_*` order): what a fixture compares.
+pub fn stat_delta(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
+    (0..STAT_COUNT as usize)
+        .filter_map(|i| {
+            let d = after.get(i)?.wrapping_sub(*before.get(i)?);
+            (d != 0).then_some((STAT_NAMES[i], d))
+        })
+        .collect()
+}
+
+/// The loaded program named `name` that uses the services map pinned in `pin_dir` (the agent library
+/// keeps its programs private; the kernel's program list finds them by the maps they use).
+fn find_program(pin_dir: &Path, name: &str) -> anyhow::Result<aya::programs::ProgramFd> {
+    let services = aya::maps::MapInfo::from_pin(pin_dir.join(MAP_SERVICES))
+        .context("reading the pinned services map")?
+        .id();
+    for info in aya::programs::loaded_programs() {
+        let Ok(info) = info else { continue };
+        let Ok(Some(ids)) = info.map_ids() else {
+            continue;
+        };
+        // The kernel keeps 15 bytes of a program's name.
+        let named = info
+            .name_as_str()
+            .is_some_and(|n| !n.is_empty() && name.starts_with(n));
+        if named && ids.contains(&services) {
+            return info.fd().context("fd of the loaded program");
+        }
+    }
+    bail!(
+        "no loaded {name} uses the maps pinned in {}",
+        pin_dir.display()
+    )
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// Room for any frame the kernel accepts (it refuses more than a page minus skb overhead).
+const OUT_CAPACITY: usize = 8192;
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// `BPF_PROG_TEST_RUN` of a TC program on `data`, with `__sk_buff.ifindex` set so the program sees the
+/// frame arrive on that interface (the kernel otherwise uses loopback).
+pub fn test_run(prog: BorrowedFd<'_>, ifindex: u32, data: &[u8]) -> io::Result<Outcome> {
+    // The leading fields of `struct __sk_buff` up to `ifindex` (word 10); the kernel zero-fills the rest
+    // and refuses non-zero values in the fields it does not let a test set.
+    let mut ctx = [0u32; 11];
+    ctx[10] = ifindex;
+    let mut out = vec![0u8; OUT_CAPACITY];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: data.len() as u32,
+        data_in: data.as_ptr() as u64,
+        data_size_out: out.len() as u32,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ctx_size_in: std::mem::size_of_val(&ctx) as u32,
+        ctx_in: ctx.as_ptr() as u64,
+        ..TestRunAttr::default()
+    };
+    // SAFETY: `attr` is a live repr(C) struct laid out as the kernel's `test` member of `union bpf_attr`;
+    // the buffers it points to (`data`, `out`, `ctx`) outlive the call and have the sizes given.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            std::ptr::from_mut(&mut attr).cast::<c_void>(),
+            std::mem::size_of::<TestRunAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    out.truncate(attr.data_size_out as usize);
+    Ok(Outcome {
+        verdict: attr.retval,
+        frame: out,
+    })
+}
