@@ -148,7 +148,9 @@ pub const STAT_DROP_SNAT_EXHAUSTED: u32 = 14;
 pub const STAT_DROP_FRAGMENT: u32 = 15;
 pub const STAT_L7_STEERED: u32 = 16;
 pub const STAT_DROP_L7_NO_PROXY: u32 = 17;
-pub const STAT_COUNT: u32 = 18;
+/// A TCP RST to a frontend that rejects: never answered (RFC 793), dropped.
+pub const STAT_DROP_RESET_TO_REJECTING: u32 = 18;
+pub const STAT_COUNT: u32 = 19;
 /// Size of `MAP_STATS`: room for counters added later, so a pinned map survives an upgrade that adds one.
 pub const STAT_SLOTS: u32 = 64;
 
@@ -172,6 +174,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "drop_fragment",
     "l7_steered",
     "drop_l7_no_proxy",
+    "drop_reset_to_rejecting",
 ];
 
 /// A frontend: the address a client connects to.

@@ -5,7 +5,10 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use weir_common::{PROTO_TCP, STAT_DROP_REJECT_FAILED, STAT_REJECT_TCP, STAT_REJECT_UDP};
+use weir_common::{
+    PROTO_TCP, STAT_DROP_REJECT_FAILED, STAT_DROP_RESET_TO_REJECTING, STAT_REJECT_TCP,
+    STAT_REJECT_UDP,
+};
 
 use crate::{
     csum,
@@ -78,7 +81,10 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
             unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
         // An incoming RST is never answered.
-        Ok((false, _)) => TC_ACT_SHOT,
+        Ok((false, _)) => {
+            count(STAT_DROP_RESET_TO_REJECTING);
+            TC_ACT_SHOT
+        }
         Err(_) => {
             count(STAT_DROP_REJECT_FAILED);
             TC_ACT_SHOT

@@ -894,12 +894,9 @@ fn every_tcp_flag_combination_without_rst_to_a_rejecting_frontend_gets_a_reset()
     });
 }
 
-/// DATAPATH FINDING (fails today; `--ignored` runs it): an incoming RST to a frontend without endpoints
-/// is dropped (right: a RST is never answered) but no counter moves (`reject.rs`: `Ok((false, _)) =>
-/// TC_ACT_SHOT` without `count`), so the drop is invisible in `weir_datapath_packets_total`. Expected:
-/// a counted drop (a reason of its own, e.g. `drop_rst_to_reject`, would need a new `STAT_*`).
+/// An incoming RST to a frontend without endpoints is dropped (a RST is never answered) and counted
+/// under its own reason (found by these fixtures: it used to be dropped without a counter).
 #[test]
-#[ignore = "datapath finding: RST to a rejecting frontend is dropped without a counter"]
 fn rst_to_a_rejecting_frontend_is_a_counted_drop() {
     with_rig(|rig| {
         let fixtures: Vec<Fixture> = (0..=255u8)
@@ -913,7 +910,7 @@ fn rst_to_a_rejecting_frontend_is_a_counted_drop() {
                 )
                 .verdict(TC_ACT_SHOT)
                 .output(Expect::Dropped)
-                .stat("drop_reject_failed")
+                .stat("drop_reset_to_rejecting")
             })
             .collect();
         run_all(rig, &fixtures);
