@@ -290,15 +290,15 @@ const LEFT_OUT: [&str; 6] = [
      here is a pod.",
     "kube-proxy's IPVS mode: IPVS is not built into this kernel (`CONFIG_IP_VS` is not set).",
     "End to end at 100k services: at 10 endpoints per service Weir's Maglev tables alone would take \
-     about 13 GB of kernel memory (16,001 slots × 8 bytes each, by design) and the agent about 25 minutes \
-     to program them (one RCU grace period per table, see the notes); kube-proxy's nftables rules \
-     already take over a minute to load at 10k, most of it with a CPU held in the kernel. The \
-     per-packet experiment covers 100k services (one endpoint each) instead.",
+     about 6.5 GB of kernel memory (16,128 slots × 4 bytes each, by design: M ≥ 1000·N keeps a backend \
+     change from moving more than 1 % of the other slots); kube-proxy's nftables rules already take \
+     over a minute to load at 10k, most of it with a CPU held in the kernel. The per-packet experiment \
+     covers 100k services (one endpoint each) instead.",
     "Multi-core throughput: the client is one thread on a shared 2-vCPU VM; the figures are latency-bound \
      rates, comparable side by side but not capacity limits.",
 ];
 
-const NOTES: [&str; 6] = [
+const NOTES: [&str; 5] = [
     "iptables mode is measured with iptables-legacy (x_tables); iptables-nft is timed for loads only: \
      its `--noflush` restore of an existing 10k-service rule set did not finish in 10 minutes when tried \
      by hand on this machine.",
@@ -310,16 +310,11 @@ const NOTES: [&str; 6] = [
      under pressure), so a client that later reuses the source port gets its SYN-ACK translated to the \
      other Service's ClusterIP. netfilter avoids this by tracking TCP state and remapping the source \
      port when reply tuples clash.",
-    "Programming time: each Maglev table is an inner map of a hash-of-maps, and the kernel makes every \
-     userspace insert or delete in a map-in-map wait for an RCU grace period before returning (so no \
-     program still uses the old inner map); §3 shows 8–20 ms per syscall here. Programming N services \
-          from nothing costs about N grace periods, a change about two: that, not Maglev table building, is \
-     where Weir's control-plane time goes. Tried by hand on this kernel: one BPF_MAP_UPDATE_BATCH \
-     inserting 20 tables took one grace period in all (14–15 ms, against 16 ms for each single insert); \
-     batch delete is not supported on hash-of-maps (ENOTSUPP).",
-    "At 100k services the per-frontend counters map (`WEIR_SVC_STATS`) is still 65,536 entries: the \
-     agent sizes it from the eBPF object, not from `--max-services`, so services past that have no \
-     counter entry and each of their packets tries the insert again. The 100k figures include this.",
+    "Maglev tables live in one preallocated, mmapable array (the slot arena, `--maglev-slots`), written \
+     through a mapping of just the table's pages and switched in by one update of the frontend's entry. \
+     Earlier runs kept each table in its own inner map of a hash-of-maps, and the kernel makes every \
+     userspace insert or delete in a map-in-map wait for an RCU grace period (8–20 ms here): 10k \
+     services took 169 s to program and a change at least two grace periods. The arena removed both.",
     "Request p99s on this shared VM come in two levels from round to round, about 6 µs or about \
      22 µs, in every mode alike (see the min–max spreads): a p99 compared between N values measured \
      minutes apart compares the background load as much as the proxy. The Weir/baseline ratios, \

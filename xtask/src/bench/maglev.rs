@@ -35,8 +35,7 @@ pub struct Build {
     pub size_kind: String,
     pub slots: u32,
     pub build_ms: Option<Spread>,
-    /// Kernel memory of one table of this size: measured `memlock` of a real table map when it was
-    /// created, else slots × 8 (array elements are 8-byte aligned).
+    /// Kernel memory of one table of this size: its chunks of the Maglev arena (4 bytes a slot).
     pub table_bytes: u64,
     pub table_bytes_measured: bool,
     /// Every backend owns ⌊M/N⌋ or ⌈M/N⌉ slots.

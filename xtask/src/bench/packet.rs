@@ -153,8 +153,8 @@ pub struct InProcessChange {
     pub serve_p99_us: f64,
     pub serve_max_us: f64,
     pub failures: usize,
-    /// One Maglev table (16,001 slots) inserted into and deleted from the pinned hash-of-maps, alone:
-    /// milliseconds per syscall.
+    /// One Maglev table inserted into and deleted from a hash-of-maps, alone: milliseconds per syscall.
+    /// Measured by runs before the slot arena; `None` since.
     pub table_insert_ms: Option<Spread>,
     pub table_delete_ms: Option<Spread>,
 }

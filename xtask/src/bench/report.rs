@@ -1009,10 +1009,10 @@ fn control_section(md: &mut String, e: &E2eResults, p: Option<&PacketResults>, c
     let _ = writeln!(
         md,
         "Agent RSS from `/proc/<pid>/status` once healthy; eBPF map memory is the kernel's `memlock` \
-         from `/proc/<pid>/fdinfo` of every map fd the agent holds, plus every Maglev table reached \
-         through the pinned outer map (the agent keeps no fd of them). The hash maps are preallocated at \
-         their capacity (`--max-services`, `--max-backends` sized for N), so most of the fixed part is \
-         there at N = 1.\n"
+         from `/proc/<pid>/fdinfo` of every map fd the agent holds. The hash maps and the Maglev arena \
+         are preallocated at their capacity (`--max-services`, `--max-backends`, `--maglev-slots` sized \
+         for N plus room for 64 tables being swapped), so most of it is there at N = 1; \"tables MB\" is \
+         the part of the arena the tables occupy (whole 1 KB chunks), included in the total.\n"
     );
     let _ = writeln!(
         md,
@@ -1123,11 +1123,9 @@ fn control_section(md: &mut String, e: &E2eResults, p: Option<&PacketResults>, c
         }
         let _ = writeln!(
             md,
-            "\nEvery frontend whose backends change gets a new table: one insert into and one delete from \
-             the hash-of-maps. The kernel makes each such update of a map-in-map wait for an RCU grace \
-             period before the syscall returns (so that no program still sees the old inner map), which \
-             the two table rows above show; that wait, not Weir's own code, sets the floor of a change's \
-             programming time.\n"
+            "\nEvery frontend whose backends change gets a new table, written into free chunks of the \
+             Maglev arena and switched in by one update of its `WEIR_SERVICES` entry: no syscall waits \
+             for the kernel here.\n"
         );
     }
     if !e.baseline_syncs.is_empty() {
@@ -1189,9 +1187,8 @@ fn maglev_section(md: &mut String, m: &MaglevResults) {
         md,
         "`weir_agent::maglev::build` at the agent's size (`table_size(n)`: the smallest prime ≥ {} × \
          2^⌈log2 n⌉), at the paper's {PAPER_SIZE} slots, and at the largest size the code produces \
-         (`table_size(65,536)`, the default `--max-backends`: {} slots). Kernel memory per table: the \
-         `memlock` of a real table map of that size (array elements are 8-byte aligned, so each 4-byte \
-         backend id costs 8 bytes), computed for the largest.\n",
+         (`table_size(65,536)`, the default `--max-backends`: {} slots). Kernel memory per table: what \
+         it occupies in the Maglev arena, 4 bytes a slot in whole chunks of 256 slots.\n",
         m.slots_per_backend, m.largest_size
     );
     let _ = writeln!(
