@@ -585,9 +585,37 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM (nginx's fast shutdown: the master stops its worker and exits); SIGKILL to whatever is
+    /// left after 5 s, the worker by its pid (a SIGKILLed master leaves its worker running).
     fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let master = self.child.id();
+        let workers: Vec<i32> =
+            std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect();
+        if let Ok(pid) = i32::try_from(master) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for w in workers {
+            // Still ours only if it is still an nginx whose master was ours (now gone: reparented).
+            let comm = std::fs::read_to_string(format!("/proc/{w}/cmdline")).unwrap_or_default();
+            if comm.starts_with("nginx: worker") {
+                let _ = kill(Pid::from_raw(w), Signal::SIGKILL);
+            }
+        }
     }
 }
 
@@ -874,7 +902,7 @@ pub fn section(md: &mut String, r: &L7Results) {
          `X-Forwarded-For` set as Weir sets it), run from the Debian package as its own process with its \
          own config in the lab's node namespace, dialled at its listen address on the node. Same \
          backends, same client pod, same load generator (a Rust HTTP/1.1 client on one thread, in xtask); \
-         the proxies alternate within each repetition, rotating which goes first; {} repetitions of \
+         the proxies alternate within each repetition, rotating which goes first; repetitions: {}, of \
          {:.1} s per proxy and connection kind. **direct** is the client to backend A with no proxy: \
          what the load generator and backends serve on their own.\n",
         r.connections,
@@ -950,8 +978,11 @@ pub fn section(md: &mut String, r: &L7Results) {
     );
     let _ = writeln!(
         md,
-        "The split: nginx's weighted round robin is deterministic (exactly 9 in 10 to A once warm); \
-         Weir draws per request, so its share of A varies around 90 %.\n"
+        "The split: nginx's smooth weighted round robin sends exactly 9 in every 10 requests to A; \
+         Weir deals each round of 10 requests as a shuffled deck of 9 A and 1 B (`l7/balance.rs`), so \
+         both land on 90 % up to the rounds in flight when a run stops. The machine is shared: other \
+         processes scheduled on the proxies' CPU show up as the long p99 tails, in both columns alike; \
+         the paired ratios are the better guide.\n"
     );
 }
 
