@@ -6,6 +6,8 @@
 //! 3. End to end through a ClusterIP in the network-namespace labs, Weir vs kube-proxy's rules loaded with
 //!    the real tools, and the control plane: programming from nothing, EndpointSlice changes, syncs,
 //!    memory (`e2e.rs`, `rules.rs`, `net.rs`).
+//! 4. L7: requests through a 90/10 weighted HTTPRoute, Weir's proxy against nginx doing the same split
+//!    (`l7.rs`).
 //!
 //! Results go to `REPORT.md`, `results.json` and SVG charts (`report.rs`, `svg.rs`). An experiment that
 //! fails is reported as an error and the others still run. `--quick` measures N = 1 and 1,000 with fewer
@@ -17,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 
 mod e2e;
+mod l7;
 mod maglev;
 mod net;
 mod packet;
@@ -45,6 +48,9 @@ pub struct Args {
     /// directory (after a change to the report's code).
     #[arg(long, hide = true)]
     pub render_only: bool,
+    /// Run one experiment only (maglev, packet, e2e, l7): for working on it.
+    #[arg(long, hide = true, value_name = "EXPERIMENT")]
+    pub only: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +74,8 @@ impl Profile {
 pub struct Options {
     pub profile: Profile,
     pub out_dir: PathBuf,
+    /// Run only this experiment (`maglev`, `packet`, `e2e`, `l7`); `None`: all.
+    pub only: Option<String>,
 }
 
 impl Args {
@@ -85,7 +93,11 @@ impl Args {
                 .unwrap_or_else(|| Path::new("."))
                 .join("bench-results")
         });
-        Options { profile, out_dir }
+        Options {
+            profile,
+            out_dir,
+            only: self.only.clone(),
+        }
     }
 }
 
@@ -176,6 +188,7 @@ struct Plans {
     maglev: maglev::Plan,
     packet: packet::Plan,
     e2e: e2e::Plan,
+    l7: l7::Plan,
 }
 
 fn plans(profile: Profile) -> Plans {
@@ -212,6 +225,12 @@ fn plans(profile: Profile) -> Plans {
                 ipt_nft_cap: secs(120),
                 nft_resync_max: 1_000,
             },
+            l7: l7::Plan {
+                reps: 5,
+                round: secs(3),
+                connections: 16,
+                fresh: true,
+            },
         },
         Profile::Quick => Plans {
             maglev: maglev::Plan {
@@ -243,6 +262,12 @@ fn plans(profile: Profile) -> Plans {
                 nft_cap: secs(60),
                 ipt_nft_cap: secs(30),
                 nft_resync_max: 1_000,
+            },
+            l7: l7::Plan {
+                reps: 3,
+                round: secs(1),
+                connections: 16,
+                fresh: true,
             },
         },
         Profile::Smoke => Plans {
@@ -276,16 +301,20 @@ fn plans(profile: Profile) -> Plans {
                 ipt_nft_cap: secs(30),
                 nft_resync_max: 1_000,
             },
+            l7: l7::Plan {
+                reps: 1,
+                round: Duration::from_millis(300),
+                connections: 4,
+                fresh: true,
+            },
         },
     }
 }
 
-const LEFT_OUT: [&str; 6] = [
+const LEFT_OUT: [&str; 5] = [
     "NodePort / externalIPs / LoadBalancer IPs: Weir serves them in TC on `--external-iface` today; the \
      XDP NodePort fast path the issue's NodePort experiment is about is not built, so that experiment \
      awaits the NodePort (XDP) work.",
-    "L7 (HTTPRoute) proxying: the agent's L7 proxy landed while this bench was being written; its \
-     experiment awaits the L7 issue.",
     "Socket-level load balancing for host-network clients (cgroup connect4): not measured; every client \
      here is a pod.",
     "kube-proxy's IPVS mode: IPVS is not built into this kernel (`CONFIG_IP_VS` is not set).",
@@ -387,52 +416,78 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         .push(format!("agent binary: {}", agent.display()));
     results.notes.extend(NOTES.iter().map(|n| (*n).to_owned()));
 
-    progress.step("Maglev table builds");
-    match maglev::run(&plans.maglev, &progress) {
-        Ok(m) => results.maglev = Some(m),
-        Err(e) => results.errors.push(format!("maglev: {e:#}")),
-    }
-    progress.step(&format!(
-        "per-packet cost with BPF_PROG_TEST_RUN at N = {:?}",
-        plans.packet.ns
-    ));
-    match packet::run(&plans.packet, &progress) {
-        Ok(p) => {
-            results
-                .errors
-                .extend(p.errors.iter().map(|e| format!("per-packet: {e}")));
-            results.per_packet = Some(p);
+    let wants = |x: &str| opts.only.as_deref().is_none_or(|o| o == x);
+    if wants("maglev") {
+        progress.step("Maglev table builds");
+        match maglev::run(&plans.maglev, &progress) {
+            Ok(m) => results.maglev = Some(m),
+            Err(e) => results.errors.push(format!("maglev: {e:#}")),
         }
-        Err(e) => results.errors.push(format!("per-packet: {e:#}")),
     }
-    match e2e::run(&plans.e2e, &progress) {
-        Ok(e) => {
-            for p in &e.points {
-                for err in &p.control.errors {
-                    results
-                        .errors
-                        .push(format!("control plane at N = {}: {err}", p.services));
+    if wants("packet") {
+        progress.step(&format!(
+            "per-packet cost with BPF_PROG_TEST_RUN at N = {:?}",
+            plans.packet.ns
+        ));
+        match packet::run(&plans.packet, &progress) {
+            Ok(p) => {
+                results
+                    .errors
+                    .extend(p.errors.iter().map(|e| format!("per-packet: {e}")));
+                results.per_packet = Some(p);
+            }
+            Err(e) => results.errors.push(format!("per-packet: {e:#}")),
+        }
+    }
+    if wants("e2e") {
+        match e2e::run(&plans.e2e, &progress) {
+            Ok(e) => {
+                for p in &e.points {
+                    for err in &p.control.errors {
+                        results
+                            .errors
+                            .push(format!("control plane at N = {}: {err}", p.services));
+                    }
+                    for m in &p.modes {
+                        if let (Some(mode), Some(err)) = (m.mode, &m.error) {
+                            results.errors.push(format!(
+                                "end to end at N = {}, {}: {err}",
+                                p.services,
+                                mode.label()
+                            ));
+                        }
+                    }
                 }
-                for m in &p.modes {
-                    if let (Some(mode), Some(err)) = (m.mode, &m.error) {
+                for s in &e.baseline_syncs {
+                    if let Some(err) = &s.error {
+                        results
+                            .errors
+                            .push(format!("{} {} sync: {err}", s.tool, s.kind));
+                    }
+                }
+                results.end_to_end = Some(e);
+            }
+            Err(e) => results.errors.push(format!("end to end: {e:#}")),
+        }
+    }
+    if wants("l7") {
+        match l7::run(&plans.l7, &progress) {
+            Ok(l) => {
+                for k in &l.kinds {
+                    for p in k.proxies.iter().filter(|p| p.errors > 0) {
                         results.errors.push(format!(
-                            "end to end at N = {}, {}: {err}",
-                            p.services,
-                            mode.label()
+                            "L7 {} through {}: {} failed requests (first: {})",
+                            k.kind,
+                            p.proxy,
+                            p.errors,
+                            p.first_error.as_deref().unwrap_or("?")
                         ));
                     }
                 }
+                results.l7 = Some(l);
             }
-            for s in &e.baseline_syncs {
-                if let Some(err) = &s.error {
-                    results
-                        .errors
-                        .push(format!("{} {} sync: {err}", s.tool, s.kind));
-                }
-            }
-            results.end_to_end = Some(e);
+            Err(e) => results.errors.push(format!("L7: {e:#}")),
         }
-        Err(e) => results.errors.push(format!("end to end: {e:#}")),
     }
     results.elapsed_s = progress.started.elapsed().as_secs_f64();
     results.targets = report::targets(&results);

@@ -4,7 +4,7 @@
 //! 2. bpf-linker, built against the nightly toolchain's own libLLVM (see TOOLCHAIN.md), into the
 //!    tools directory (`$WEIR_TOOLS_DIR`, default `$HOME/.cache/weir-tools`), and symlinked into
 //!    `$CARGO_HOME/bin` so that a plain `cargo build` of the agent finds it.
-//! 3. The Debian packages the integration tests use.
+//! 3. The Debian packages the integration tests and the bench use.
 //!
 //! Prints one line per thing it installs or changes, or `setup: ok` when everything was there.
 
@@ -23,8 +23,11 @@ use crate::cmd;
 /// The bpf-linker release we build; 0.13.0 links LLVM dynamically from `LLVM_PREFIX`.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Debian packages the integration tests and the demo use.
-const PACKAGES: &[&str] = &["iproute2", "iptables", "nftables", "ethtool", "curl"];
+/// Debian packages the integration tests, the demo and the bench use (nginx: the bench's L7 baseline,
+/// run as its own process with its own config, never as the system service).
+const PACKAGES: &[&str] = &[
+    "iproute2", "iptables", "nftables", "ethtool", "curl", "nginx",
+];
 
 /// Counts what setup changed, to print `setup: ok` when it changed nothing.
 #[derive(Default)]

@@ -2,7 +2,7 @@
 //! experiment's code path, so the bench cannot rot. Asserts the report's sections and that the figures are
 //! sane, above all that every per-packet measurement's counters matched its runs.
 //!
-//! Needs root (eBPF, network namespaces), iptables-legacy and nft, and a built agent
+//! Needs root (eBPF, network namespaces), iptables-legacy, nft and nginx, and a built agent
 //! (`target/release/weir-agent`, or `$WEIR_AGENT_BIN`), like the integration tests in `tests/`.
 
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ fn smoke_run_covers_every_experiment() {
     let results = xtask::bench::run(&Options {
         profile: Profile::Smoke,
         out_dir: out.clone(),
+        only: None,
     })
     .expect("the smoke bench runs");
     assert!(
@@ -46,6 +47,7 @@ fn smoke_run_covers_every_experiment() {
         "### Memory",
         "### EndpointSlice change → serving",
         "## 4. Maglev tables",
+        "## 5. L7: weighted HTTPRoute vs nginx",
         "## Not measured",
         "uname -r",
     ] {
@@ -152,6 +154,18 @@ fn smoke_run_covers_every_experiment() {
         assert!(num(b, "/build_ms/median") > 0.0);
     }
 
-    assert_eq!(json["targets"].as_array().map(Vec::len), Some(13));
+    // L7: both proxies served through the 90/10 split, on persistent and fresh connections.
+    let kinds = json["l7"]["kinds"].as_array().expect("L7 kinds");
+    assert_eq!(kinds.len(), 2, "{kinds:#?}");
+    for k in kinds {
+        for p in k["proxies"].as_array().expect("proxies") {
+            assert_eq!(p["errors"], 0, "{p:#}");
+            assert!(num(p, "/rps/0") > 10.0, "{p:#}");
+            assert!(num(p, "/p99_us/0") > 0.0, "{p:#}");
+        }
+        assert!(num(k, "/ratios/0/ratio/median") > 0.0, "{k:#}");
+    }
+
+    assert_eq!(json["targets"].as_array().map(Vec::len), Some(14));
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::e2e::{E2eResults, Mode};
+use super::l7::{self, L7Results};
 use super::maglev::{MaglevResults, PAPER_SIZE};
 use super::packet::PacketResults;
 use super::stats::Spread;
@@ -24,6 +25,7 @@ pub struct Results {
     pub maglev: Option<MaglevResults>,
     pub per_packet: Option<PacketResults>,
     pub end_to_end: Option<E2eResults>,
+    pub l7: Option<L7Results>,
     pub targets: Vec<Target>,
     /// Experiments (or parts) that failed: the report says so instead of a figure.
     pub errors: Vec<String>,
@@ -433,6 +435,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
         margin: String::new(),
         basis: format!("memlock of the agent's maps and Maglev tables, {shape}"),
     });
+    t.push(l7::target(r.l7.as_ref()));
     t
 }
 
@@ -705,6 +708,9 @@ pub fn markdown(r: &Results, charts: &[String]) -> String {
     }
     if let Some(mg) = &r.maglev {
         maglev_section(&mut md, mg);
+    }
+    if let Some(l) = &r.l7 {
+        l7::section(&mut md, l);
     }
     if !r.notes.is_empty() {
         let _ = writeln!(md, "## Notes\n");
