@@ -276,6 +276,8 @@ impl Rig {
             maglev_chunks: 1024,
             affinity: 1024,
             conntrack: 65536,
+            source_ranges: 1024,
+            sock_revnat: 1024,
         };
         let (mut datapath, maps, stats) =
             Datapath::load(pin_dir, caps).context("loading the agent's eBPF object")?;
