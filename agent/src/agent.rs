@@ -35,8 +35,11 @@ use crate::{
     state::{AgentState, ProgrammedView},
 };
 
-/// After a sync with failed map operations, try again this soon.
+/// After a sync with failed map operations, try again this soon; the delay doubles while syncs keep
+/// failing (a full map refuses the same frontends every time, and each try rebuilds their tables), up
+/// to `MAX_RETRY_AFTER_ERRORS`. A new change is synced at once whatever the delay.
 const RETRY_AFTER_ERRORS: Duration = Duration::from_secs(1);
+const MAX_RETRY_AFTER_ERRORS: Duration = Duration::from_secs(16);
 
 enum Source {
     Dir(std::path::PathBuf),
@@ -96,6 +99,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .context("--maglev-slots: too many")?,
         conntrack: args.max_conntrack,
         affinity: args.max_affinity,
+        source_ranges: args.max_source_ranges,
+        sock_revnat: args.max_sock_revnat,
     };
     let (mut datapath, maps, stats) = Datapath::load(&args.bpffs_dir, caps)?;
     // Traffic from outside the node (NodePort, externalIPs, LoadBalancer IPs) enters here.
@@ -232,6 +237,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // A sync is due at this time (coalescing changes, or retrying after errors).
     let mut sync_at: Option<tokio::time::Instant> = None;
     let mut last_sync: Option<tokio::time::Instant> = None;
+    let mut retry_after = RETRY_AFTER_ERRORS;
 
     loop {
         let due = async {
@@ -279,7 +285,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     first_sync_done = true;
                     metrics.set_synced(first_sync_done && links_ready);
                     if errors {
-                        sync_at = Some(tokio::time::Instant::now() + RETRY_AFTER_ERRORS);
+                        sync_at = Some(tokio::time::Instant::now() + retry_after);
+                        retry_after = (retry_after * 2).min(MAX_RETRY_AFTER_ERRORS);
+                    } else {
+                        retry_after = RETRY_AFTER_ERRORS;
                     }
                 }
             }
@@ -471,6 +480,9 @@ fn sync(
     metrics.syncs.inc();
     metrics.sync_errors.inc_by(report.errors as u64);
     metrics
+        .refused_frontends
+        .set(report.frontends_refused as i64);
+    metrics
         .frontends
         .set(reconciler.programmed_frontends() as i64);
     metrics
@@ -518,6 +530,7 @@ fn sync(
         written = report.frontends_written,
         deleted = report.frontends_deleted,
         errors = report.errors,
+        refused = report.frontends_refused,
         took_us = elapsed.as_micros() as u64,
         "synced"
     );

@@ -4,7 +4,7 @@ use std::{net::IpAddr, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Parser;
 use weir_common::{
     DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_MAGLEV_SLOTS,
-    DEFAULT_SERVICES_MAX,
+    DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOURCE_RANGES_MAX,
 };
 
 #[derive(Debug, Parser)]
@@ -118,6 +118,16 @@ pub struct Args {
     /// Capacity of the LRU ClientIP session-affinity map (one entry per client and frontend).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_AFFINITY_MAX)]
     pub max_affinity: u32,
+
+    /// Capacity of the loadBalancerSourceRanges map (one entry per LoadBalancer frontend and allowed
+    /// prefix).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SOURCE_RANGES_MAX)]
+    pub max_source_ranges: u32,
+
+    /// Capacity of the LRU map of host-network sockets translated by the socket-level hooks (one entry
+    /// per connected or sending socket; the oldest is forgotten first).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_SOCK_REVNAT_MAX)]
+    pub max_sock_revnat: u32,
 }
 
 /// `250ms`, `1s`, `2m`, or a bare number of seconds.

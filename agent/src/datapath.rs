@@ -41,6 +41,10 @@ pub struct Capacities {
     pub maglev_chunks: u32,
     pub affinity: u32,
     pub conntrack: u32,
+    /// `WEIR_SRC_RANGES`: loadBalancerSourceRanges prefixes, one entry per frontend and prefix.
+    pub source_ranges: u32,
+    /// `WEIR_SOCK_REVNAT` (LRU): host-network sockets translated by the socket-level hooks.
+    pub sock_revnat: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +169,8 @@ impl Datapath {
             .map_max_entries(MAP_MAGLEV, caps.maglev_chunks)
             .map_max_entries(MAP_CONNTRACK, caps.conntrack)
             .map_max_entries(MAP_AFFINITY, caps.affinity)
+            .map_max_entries(MAP_SOURCE_RANGES, caps.source_ranges)
+            .map_max_entries(weir_common::MAP_SOCK_REVNAT, caps.sock_revnat)
             // Each backend usually belongs to one table; swaps briefly hold two.
             .map_max_entries(MAP_MEMBERS, caps.backends.saturating_mul(4))
             .load(object)

@@ -44,6 +44,7 @@ pub struct Metrics {
     pub programming_latency: Histogram,
     pub syncs: Counter,
     pub sync_errors: Counter,
+    pub refused_frontends: Gauge,
     pub config_errors: Counter,
     pub last_sync_timestamp: Gauge<f64, AtomicU64>,
     pub frontends: Gauge,
@@ -101,6 +102,14 @@ impl Metrics {
             "sync_errors",
             "Map operations that failed during syncs (the affected frontend keeps its previous programming)",
             sync_errors.clone(),
+        );
+        let refused_frontends = Gauge::default();
+        registry.register(
+            "refused_frontends",
+            "Frontends the last sync could not write (a full map or Maglev arena; raise --max-services, \
+             --maglev-slots or --max-backends): new ones are not served, changed ones keep their \
+             previous programming; retried with a backoff up to 16 s",
+            refused_frontends.clone(),
         );
         let config_errors = Counter::default();
         registry.register(
@@ -171,6 +180,7 @@ impl Metrics {
             programming_latency,
             syncs,
             sync_errors,
+            refused_frontends,
             config_errors,
             last_sync_timestamp,
             frontends,

@@ -102,6 +102,9 @@ impl Programmed {
 pub struct SyncReport {
     pub frontends_written: usize,
     pub frontends_deleted: usize,
+    /// Frontends that could not be written (a full map or arena): a new one is left out, a changed
+    /// one keeps its previous programming. Also counted in `errors`.
+    pub frontends_refused: usize,
     pub errors: usize,
 }
 
@@ -122,6 +125,9 @@ pub struct Reconciler<W> {
     /// Tables found in the pinned maps: those no frontend uses after the first sync are deleted.
     orphan_tables: Vec<u32>,
 }
+
+/// Refused frontends named in the log per sync; the rest are counted.
+const LOGGED_REFUSALS: usize = 10;
 
 /// Frontends whose tables are built before any of them is written.
 const TABLE_BATCH: usize = 256;
@@ -391,7 +397,12 @@ impl<W: MapWriter> Reconciler<W> {
                 match table.and_then(|t| self.write_frontend(service_key(frontend), state, t)) {
                     Ok(()) => report.frontends_written += 1,
                     Err(e) => {
-                        error!(frontend = %frontend, service = %state.service, "cannot program frontend: {e}");
+                        // A full map refuses every frontend that does not fit: name the first few,
+                        // count the rest (a summary follows the loop).
+                        if report.frontends_refused < LOGGED_REFUSALS {
+                            error!(frontend = %frontend, service = %state.service, "cannot program frontend: {e}");
+                        }
+                        report.frontends_refused += 1;
                         report.errors += 1;
                     }
                 }
@@ -399,6 +410,14 @@ impl<W: MapWriter> Reconciler<W> {
         }
 
         // Backends go last: only once no table can point at them any more.
+        if report.frontends_refused > LOGGED_REFUSALS {
+            error!(
+                refused = report.frontends_refused,
+                "{} more frontends could not be programmed",
+                report.frontends_refused - LOGGED_REFUSALS
+            );
+        }
+
         if self.adopted_pending == 0 {
             for b in std::mem::take(&mut self.unreferenced) {
                 if self.backend_refs.contains_key(&b) {

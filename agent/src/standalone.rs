@@ -24,6 +24,10 @@ use crate::{
 const RESCAN_PERIOD: Duration = Duration::from_secs(2);
 /// Coalesces the burst of events an editor or `cp` produces into one reload.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Largest config file read: a YAML tree takes several times its text in memory, so an accidental
+/// (or hostile) huge file is refused before it is parsed. 1,000 Services with their slices take
+/// about 0.5 MB; split larger sets over several files.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -33,6 +37,10 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{file}: {size} bytes, larger than the {MAX_FILE_BYTES}-byte limit of a config file")]
+    TooLarge { file: PathBuf, size: u64 },
+    #[error("{file}: not UTF-8 (invalid byte at offset {offset})")]
+    NotUtf8 { file: PathBuf, offset: usize },
     #[error("{file}: document {doc}: invalid YAML: {source}")]
     Syntax {
         file: PathBuf,
@@ -235,13 +243,10 @@ fn load_file(
     previous: Option<&FileObjects>,
     errors: &mut Vec<ConfigError>,
 ) -> FileObjects {
-    let text = match std::fs::read_to_string(path) {
+    let text = match read_text(path) {
         Ok(t) => t,
-        Err(source) => {
-            errors.push(ConfigError::Read {
-                file: path.to_owned(),
-                source,
-            });
+        Err(e) => {
+            errors.push(*e);
             return previous.cloned().unwrap_or_default();
         }
     };
@@ -319,6 +324,8 @@ fn load_file(
             ObjectKey::Route(_) => "HTTPRoute",
             ObjectKey::Fault(_) => fault::KIND,
         };
+        // The API server validates names; a file has nobody else to do it.
+        let parsed = validate_names(&key, &id).and(parsed);
         match parsed {
             Ok(object) => {
                 objects.insert(key, object);
@@ -328,7 +335,10 @@ fn load_file(
                     file: path.to_owned(),
                     doc: i,
                     kind,
-                    object: id,
+                    object: NsName {
+                        namespace: truncated(&id.namespace),
+                        name: truncated(&id.name),
+                    },
                     field,
                     message,
                 });
@@ -340,6 +350,113 @@ fn load_file(
         }
     }
     objects
+}
+
+/// A config file's text, refused when too large or not UTF-8.
+fn read_text(path: &Path) -> Result<String, Box<ConfigError>> {
+    use std::io::Read as _;
+    let read_error = |source| {
+        Box::new(ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let size = file.metadata().map_err(read_error)?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(Box::new(ConfigError::TooLarge {
+            file: path.to_owned(),
+            size,
+        }));
+    }
+    // Read at most one byte past the limit: the file may grow between the stat and the read.
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Box::new(ConfigError::TooLarge {
+            file: path.to_owned(),
+            size: bytes.len() as u64,
+        }));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Box::new(ConfigError::NotUtf8 {
+            file: path.to_owned(),
+            offset: e.utf8_error().valid_up_to(),
+        })
+    })
+}
+
+/// Whether `s` is a DNS-1123 label (lower-case alphanumerics and `-`, starting and ending with an
+/// alphanumeric, at most 63 characters); with `alpha_first`, a DNS-1035 label (starts with a letter).
+fn is_dns_label(s: &str, alpha_first: bool) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| alnum(c) || *c == b'-')
+        && b.first().is_some_and(|c| {
+            if alpha_first {
+                c.is_ascii_lowercase()
+            } else {
+                alnum(c)
+            }
+        })
+        && b.last().is_some_and(alnum)
+}
+
+/// Whether `s` is a DNS-1123 subdomain (dot-separated labels, at most 253 characters).
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(|l| is_dns_label(l, false))
+}
+
+/// Names as the API server would accept them: a Service's name is a DNS-1035 label (it becomes a DNS
+/// name), other objects' names DNS-1123 subdomains, namespaces DNS-1123 labels. A missing name is left
+/// to the object's own validation, which names the field.
+fn validate_names(key: &ObjectKey, id: &NsName) -> Result<(), FieldError> {
+    if !is_dns_label(&id.namespace, false) {
+        return Err(FieldError {
+            field: "metadata.namespace".to_owned(),
+            message: format!(
+                "{:?} is not a DNS-1123 label (a-z, 0-9, '-', at most 63 characters)",
+                truncated(&id.namespace)
+            ),
+        });
+    }
+    if id.name.is_empty() {
+        return Ok(());
+    }
+    let (valid, rule) = match key {
+        ObjectKey::Service(_) => (
+            is_dns_label(&id.name, true),
+            "a DNS-1035 label (a-z, 0-9, '-', starting with a letter, at most 63 characters)",
+        ),
+        _ => (
+            is_dns_subdomain(&id.name),
+            "a DNS-1123 subdomain (a-z, 0-9, '-', '.', at most 253 characters)",
+        ),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(FieldError {
+            field: "metadata.name".to_owned(),
+            message: format!(
+                "{:?} ({} bytes) is not {rule}",
+                truncated(&id.name),
+                id.name.len()
+            ),
+        })
+    }
+}
+
+/// At most 80 characters of `s`, so a megabyte name does not make a megabyte log line.
+fn truncated(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, FieldError> {
@@ -433,3 +550,6 @@ pub async fn watch_dir(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod hostile;

@@ -171,6 +171,7 @@ fn programs_tables_and_swaps_them_whole_on_change() {
         SyncReport {
             frontends_written: 1,
             frontends_deleted: 0,
+            frontends_refused: 0,
             errors: 0
         }
     );

@@ -106,6 +106,15 @@ pub struct Rig {
     /// When set, [`Rig::is_frontend`] and [`Rig::is_cluster_ip`] answer false for everything: the
     /// fuzzer's own test uses it to show its judge catches rewrites of traffic that is not ours.
     pub blind: bool,
+    program: Program,
+}
+
+/// What programs the maps, kept for [`Rig::reprogram`].
+struct Program {
+    reconciler: Reconciler<weir_agent::datapath::Maps>,
+    cache: DesiredCache,
+    node: NodeContext,
+    config_dir: PathBuf,
 }
 
 /// A bpffs mounted for one rig under the harness's root (the stale-reaper knows these paths).
@@ -151,6 +160,11 @@ impl Drop for ConfigTemp {
 /// inside the namespace; everything is torn down afterwards, also when `f` panics. Panics when not
 /// root: these tests are never skipped.
 pub fn with_rig<T: Send>(f: impl FnOnce(&mut Rig) -> T + Send) -> T {
+    with_rig_caps(Rig::CAPACITIES, f)
+}
+
+/// [`with_rig`] with these map sizes (a small conntrack map makes LRU eviction happen).
+pub fn with_rig_caps<T: Send>(caps: Capacities, f: impl FnOnce(&mut Rig) -> T + Send) -> T {
     netns::require_root();
     netns::reap_stale();
     let id = netns::unique_id();
@@ -160,7 +174,7 @@ pub fn with_rig<T: Send>(f: impl FnOnce(&mut Rig) -> T + Send) -> T {
     let config = ConfigTemp(std::env::temp_dir().join(format!("weir-tests-{id}-packet")));
     std::fs::create_dir_all(&config.0).expect("create the rig's config dir");
     let result = netns::in_netns(ns.name(), || {
-        let mut rig = Rig::new(&bpffs.0, &config.0).expect("load and program the datapath");
+        let mut rig = Rig::new(&bpffs.0, &config.0, caps).expect("load and program the datapath");
         f(&mut rig)
     })
     .expect("enter the rig's netns");
@@ -269,14 +283,18 @@ fn config_yaml() -> String {
 }
 
 impl Rig {
-    fn new(pin_dir: &Path, config_dir: &Path) -> anyhow::Result<Self> {
-        let caps = Capacities {
-            services: 1024,
-            backends: 1024,
-            maglev_chunks: 1024,
-            affinity: 1024,
-            conntrack: 65536,
-        };
+    /// Map sizes of [`with_rig`].
+    pub const CAPACITIES: Capacities = Capacities {
+        services: 1024,
+        backends: 1024,
+        maglev_chunks: 1024,
+        affinity: 1024,
+        conntrack: 65536,
+        source_ranges: 1024,
+        sock_revnat: 1024,
+    };
+
+    fn new(pin_dir: &Path, config_dir: &Path, caps: Capacities) -> anyhow::Result<Self> {
         let (mut datapath, maps, stats) =
             Datapath::load(pin_dir, caps).context("loading the agent's eBPF object")?;
         let pod_ifindex = nix::net::if_::if_nametoindex("pod0").context("ifindex of pod0")?;
@@ -296,12 +314,11 @@ impl Rig {
             name: "fx-node".into(),
             ..NodeContext::default()
         };
-        let (desired, _) = DesiredCache::default().update(&snapshot, &node);
+        let mut cache = DesiredCache::default();
+        let (desired, _) = cache.update(&snapshot, &node);
         let mut reconciler = Reconciler::adopt(maps, Adopted::default());
         let report = reconciler.sync(&desired);
         ensure!(report.errors == 0, "sync had {} map errors", report.errors);
-        // The reconciler's handles stay open in the maps it wrote; the programs only need the pins.
-        drop(reconciler);
 
         let open = |name: &str| {
             MapData::from_pin(pin_dir.join(name)).with_context(|| format!("open pinned {name}"))
@@ -340,7 +357,28 @@ impl Rig {
             frontends,
             backends,
             blind: false,
+            program: Program {
+                reconciler,
+                cache,
+                node,
+                config_dir: config_dir.to_owned(),
+            },
         })
+    }
+
+    /// Writes `file` (YAML) into the rig's config dir and programs the result through the same
+    /// reconciler, as the agent does on a change. `frontends`/`backends` are not refreshed.
+    pub fn reprogram(&mut self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        let p = &mut self.program;
+        std::fs::write(p.config_dir.join(file), yaml).with_context(|| format!("write {file}"))?;
+        let (snapshot, errors) = ConfigDir::new(&p.config_dir)
+            .reload()
+            .context("read the rig's config")?;
+        ensure!(errors.is_empty(), "config errors: {}", errors.join("; "));
+        let (desired, _) = p.cache.update(&snapshot, &p.node);
+        let report = p.reconciler.sync(&desired);
+        ensure!(report.errors == 0, "sync had {} map errors", report.errors);
+        Ok(())
     }
 
     fn prog(&self, prog: Prog) -> (BorrowedFd<'_>, u32) {

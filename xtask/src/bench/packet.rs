@@ -210,6 +210,8 @@ impl Rig {
             )?,
             affinity: DEFAULT_AFFINITY_MAX,
             conntrack: DEFAULT_CONNTRACK_MAX,
+            source_ranges: weir_common::DEFAULT_SOURCE_RANGES_MAX,
+            sock_revnat: weir_common::DEFAULT_SOCK_REVNAT_MAX,
         };
         let pin_dir = bpffs.dir().to_path_buf();
         let (datapath, maps, stats) =
