@@ -88,6 +88,23 @@ type FileObjects = BTreeMap<ObjectKey, Object>;
 /// write moves mtime/ctime and usually the length.
 type Stamp = (u64, u64, i64, i64, i64, i64);
 
+/// How long after its last modification a file read counts as settled.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Whether a file with this stamp, read now, may be rewritten unseen within its timestamp tick.
+fn racy(stamp: Option<Stamp>) -> bool {
+    let Some((_, _, secs, nsecs, ..)) = stamp else {
+        return true;
+    };
+    let modified = std::time::UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+        + Duration::from_nanos(u64::try_from(nsecs).unwrap_or(0));
+    // A clock before the modification time (skew) counts as racy too.
+    std::time::SystemTime::now()
+        .duration_since(modified)
+        .map_or(true, |age| age < SETTLE)
+}
+
 fn stamp(path: &Path) -> Option<Stamp> {
     use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(path).ok()?;
@@ -103,6 +120,10 @@ fn stamp(path: &Path) -> Option<Stamp> {
 
 struct FileState {
     stamp: Option<Stamp>,
+    /// Read less than [`SETTLE`] after its last modification: a rewrite within the same timestamp
+    /// tick (file times advance in clock ticks, not nanoseconds) could leave the stamp unchanged, so
+    /// the file is read again until a read happens after it settled (git's "racy clean" rule).
+    racy: bool,
     /// The last good objects of the file.
     objects: FileObjects,
     /// Problems found the last time it was read.
@@ -145,13 +166,14 @@ impl ConfigDir {
             let previous = self.files.remove(&path);
             let now = stamp(&path);
             let state = match previous {
-                Some(prev) if !force && now.is_some() && prev.stamp == now => prev,
+                Some(prev) if !force && now.is_some() && prev.stamp == now && !prev.racy => prev,
                 previous => {
                     let mut errors = Vec::new();
                     let objects =
                         load_file(&path, previous.as_ref().map(|p| &p.objects), &mut errors);
                     FileState {
                         stamp: now,
+                        racy: racy(now),
                         objects,
                         errors: errors.iter().map(ToString::to_string).collect(),
                     }
@@ -498,8 +520,10 @@ pub async fn watch_dir(
     // When the file-system event that led to this reload arrived.
     let mut changed_at: Option<std::time::Instant> = None;
     loop {
-        // A file-system event re-reads everything; a periodic rescan only what changed on disk.
-        match config.reload_with(changed_at.is_some() || last.is_none()) {
+        // The first read takes every file; later ones (after a file-system event or at the periodic
+        // rescan) only files whose stamp changed or that were read before they settled, so a change to
+        // one file among many costs that file.
+        match config.reload_with(last.is_none()) {
             Ok((snapshot, messages)) => {
                 faults_tx.send_if_modified(|faults| {
                     let changed = faults != config.faults();

@@ -171,3 +171,21 @@ fn a_rescan_without_force_still_sees_a_renamed_in_file_of_the_same_size() {
     assert_eq!(a.cluster_ips, [std::net::Ipv4Addr::new(10, 96, 0, 2)]);
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn files_read_before_they_settled_are_read_again() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    let at = |age: Duration| {
+        let t = now - age;
+        Some((1, 10, t.as_secs() as i64, i64::from(t.subsec_nanos()), 0, 0))
+    };
+    assert!(super::racy(at(Duration::ZERO)), "just written");
+    assert!(super::racy(at(Duration::from_millis(200))));
+    assert!(!super::racy(at(Duration::from_secs(10))), "settled");
+    assert!(super::racy(None), "no stamp");
+    // A file modified "in the future" (clock skew) is not trusted either.
+    let future = now + Duration::from_secs(5);
+    assert!(super::racy(Some((1, 10, future.as_secs() as i64, 0, 0, 0))));
+}

@@ -1243,7 +1243,7 @@ mod tests {
         let r = Results::default();
         let md = markdown(&r, &[]);
         assert!(md.contains("## Targets"));
-        assert_eq!(targets(&r).len(), 13);
+        assert_eq!(targets(&r).len(), 14);
         assert!(targets(&r).iter().all(|t| t.met.is_none()));
     }
 }
