@@ -362,15 +362,7 @@ impl Lab {
             return Ok(dir.clone());
         }
         let dir = Path::new(BPFFS_ROOT).join(&self.id).join("bpf");
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        nix::mount::mount(
-            Some("bpf"),
-            &dir,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .with_context(|| format!("mount -t bpf bpf {}", dir.display()))?;
+        crate::bpffs::mount(&dir)?;
         *bpffs = Some(dir.clone());
         Ok(dir)
     }

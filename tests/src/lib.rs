@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod backend;
+pub mod bpffs;
 pub mod client;
 pub mod cluster;
 pub mod http;

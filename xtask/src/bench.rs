@@ -123,40 +123,18 @@ impl Progress {
 }
 
 /// A private bpffs for an in-process datapath, unmounted (with everything pinned in it) on drop.
-pub struct Bpffs {
-    dir: PathBuf,
-}
+pub struct Bpffs(weir_tests::bpffs::Bpffs);
 
 impl Bpffs {
     pub fn mount(tag: &str) -> anyhow::Result<Self> {
         let dir = Path::new("/run/weir-bench")
             .join(format!("{}-{tag}", std::process::id()))
             .join("bpf");
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        nix::mount::mount(
-            Some("bpf"),
-            &dir,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .with_context(|| format!("mount -t bpf bpf {}", dir.display()))?;
-        Ok(Self { dir })
+        weir_tests::bpffs::Bpffs::mount(dir).map(Self)
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH).is_ok() {
-            let _ = std::fs::remove_dir(&self.dir);
-            if let Some(parent) = self.dir.parent() {
-                let _ = std::fs::remove_dir(parent);
-            }
-        }
+        self.0.dir()
     }
 }
 

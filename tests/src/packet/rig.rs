@@ -24,6 +24,7 @@ use weir_common::{
     PROG_POD_INGRESS, STAT_COUNT, STAT_NAMES, ServiceKey, ServiceValue,
 };
 
+use crate::bpffs::Bpffs;
 use crate::netns::{self, NetNs, ip};
 use crate::yaml::{self, TrafficPolicy};
 
@@ -117,36 +118,6 @@ struct Program {
     config_dir: PathBuf,
 }
 
-/// A bpffs mounted for one rig under the harness's root (the stale-reaper knows these paths).
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn mount(id: &str) -> anyhow::Result<Self> {
-        let dir = Path::new("/run/weir-tests").join(id).join("bpf");
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        nix::mount::mount(
-            Some("bpf"),
-            &dir,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .with_context(|| format!("mount -t bpf bpf {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH).is_ok() {
-            let _ = std::fs::remove_dir(&self.0);
-            if let Some(parent) = self.0.parent() {
-                let _ = std::fs::remove_dir(parent);
-            }
-        }
-    }
-}
-
 /// A scratch config dir, removed on drop.
 struct ConfigTemp(PathBuf);
 
@@ -170,11 +141,14 @@ pub fn with_rig_caps<T: Send>(caps: Capacities, f: impl FnOnce(&mut Rig) -> T + 
     let id = netns::unique_id();
     let ns = NetNs::create(&format!("weir-{id}-pkt")).expect("create the rig's netns");
     setup_netns(ns.name()).expect("set up the rig's netns");
-    let bpffs = Bpffs::mount(&id).expect("mount the rig's bpffs");
+    // Under the harness's root, so the stale-reaper knows the path.
+    let bpffs = Bpffs::mount(Path::new(crate::lab::BPFFS_ROOT).join(&id).join("bpf"))
+        .expect("mount the rig's bpffs");
     let config = ConfigTemp(std::env::temp_dir().join(format!("weir-tests-{id}-packet")));
     std::fs::create_dir_all(&config.0).expect("create the rig's config dir");
     let result = netns::in_netns(ns.name(), || {
-        let mut rig = Rig::new(&bpffs.0, &config.0, caps).expect("load and program the datapath");
+        let mut rig =
+            Rig::new(bpffs.dir(), &config.0, caps).expect("load and program the datapath");
         f(&mut rig)
     })
     .expect("enter the rig's netns");
@@ -439,7 +413,7 @@ pub fn stat_delta(before: &[u64], after: &[u64]) -> Vec<(&'static str, u64)> {
 
 /// The loaded program named `name` that uses the services map pinned in `pin_dir` (the agent library
 /// keeps its programs private; the kernel's program list finds them by the maps they use).
-fn find_program(pin_dir: &Path, name: &str) -> anyhow::Result<aya::programs::ProgramFd> {
+pub fn loaded_program(pin_dir: &Path, name: &str) -> anyhow::Result<aya::programs::ProgramInfo> {
     let services = aya::maps::MapInfo::from_pin(pin_dir.join(MAP_SERVICES))
         .context("reading the pinned services map")?
         .id();
@@ -453,13 +427,19 @@ fn find_program(pin_dir: &Path, name: &str) -> anyhow::Result<aya::programs::Pro
             .name_as_str()
             .is_some_and(|n| !n.is_empty() && name.starts_with(n));
         if named && ids.contains(&services) {
-            return info.fd().context("fd of the loaded program");
+            return Ok(info);
         }
     }
     bail!(
         "no loaded {name} uses the maps pinned in {}",
         pin_dir.display()
     )
+}
+
+fn find_program(pin_dir: &Path, name: &str) -> anyhow::Result<aya::programs::ProgramFd> {
+    loaded_program(pin_dir, name)?
+        .fd()
+        .context("fd of the loaded program")
 }
 
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
@@ -487,25 +467,42 @@ struct TestRunAttr {
     _pad: u32,
 }
 
-/// `BPF_PROG_TEST_RUN` of a TC program on `data`, with `__sk_buff.ifindex` set so the program sees the
-/// frame arrive on that interface (the kernel otherwise uses loopback).
-pub fn test_run(prog: BorrowedFd<'_>, ifindex: u32, data: &[u8]) -> io::Result<Outcome> {
-    // The leading fields of `struct __sk_buff` up to `ifindex` (word 10); the kernel zero-fills the rest
-    // and refuses non-zero values in the fields it does not let a test set.
-    let mut ctx = [0u32; 11];
-    ctx[10] = ifindex;
-    let mut out = vec![0u8; OUT_CAPACITY];
+/// What one `BPF_PROG_TEST_RUN` call reports.
+#[derive(Clone, Copy, Debug)]
+pub struct TestRun {
+    /// The program's return code (TC: `TC_ACT_OK` is 0, `TC_ACT_SHOT` 2).
+    pub retval: u32,
+    /// Mean nanoseconds per run as the kernel measured it.
+    pub duration_ns: u32,
+    /// Bytes the kernel wrote to `out`.
+    pub out_len: usize,
+}
+
+/// `BPF_PROG_TEST_RUN`: runs `prog` `repeat` times over one skb built from `data` (with `repeat` > 1
+/// every run after the first sees what the previous one left), copying the result into `out` when
+/// given; `ctx` is the leading words of `struct __sk_buff` (the kernel zero-fills the rest).
+pub fn test_run_raw(
+    prog: BorrowedFd<'_>,
+    data: &[u8],
+    out: Option<&mut [u8]>,
+    repeat: u32,
+    ctx: Option<&[u32]>,
+) -> io::Result<TestRun> {
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: data.len() as u32,
         data_in: data.as_ptr() as u64,
-        data_size_out: out.len() as u32,
-        data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
-        ctx_size_in: std::mem::size_of_val(&ctx) as u32,
-        ctx_in: ctx.as_ptr() as u64,
+        repeat,
         ..TestRunAttr::default()
     };
+    if let Some(out) = out {
+        attr.data_out = out.as_mut_ptr() as u64;
+        attr.data_size_out = out.len() as u32;
+    }
+    if let Some(ctx) = ctx {
+        attr.ctx_in = ctx.as_ptr() as u64;
+        attr.ctx_size_in = std::mem::size_of_val(ctx) as u32;
+    }
     // SAFETY: `attr` is a live repr(C) struct laid out as the kernel's `test` member of `union bpf_attr`;
     // the buffers it points to (`data`, `out`, `ctx`) outlive the call and have the sizes given.
     let r = unsafe {
@@ -519,9 +516,25 @@ pub fn test_run(prog: BorrowedFd<'_>, ifindex: u32, data: &[u8]) -> io::Result<O
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    out.truncate(attr.data_size_out as usize);
+    Ok(TestRun {
+        retval: attr.retval,
+        duration_ns: attr.duration,
+        out_len: attr.data_size_out as usize,
+    })
+}
+
+/// `BPF_PROG_TEST_RUN` of a TC program on `data`, with `__sk_buff.ifindex` set so the program sees the
+/// frame arrive on that interface (the kernel otherwise uses loopback).
+pub fn test_run(prog: BorrowedFd<'_>, ifindex: u32, data: &[u8]) -> io::Result<Outcome> {
+    // The leading fields of `struct __sk_buff` up to `ifindex` (word 10); the kernel refuses non-zero
+    // values in the fields it does not let a test set.
+    let mut ctx = [0u32; 11];
+    ctx[10] = ifindex;
+    let mut out = vec![0u8; OUT_CAPACITY];
+    let r = test_run_raw(prog, data, Some(&mut out), 1, Some(&ctx))?;
+    out.truncate(r.out_len);
     Ok(Outcome {
-        verdict: attr.retval,
+        verdict: r.retval,
         frame: out,
     })
 }

@@ -389,7 +389,8 @@ fn scrape(lab: &Lab) -> anyhow::Result<String> {
     Ok(resp.body)
 }
 
-fn proc_status_mb(pid: u32, field: &str) -> Option<f64> {
+/// A `/proc/<pid>/status` field given in kB (`VmRSS:`, `VmHWM:`, …), in MB.
+pub fn proc_status_mb(pid: u32, field: &str) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     text.lines().find_map(|l| {
         l.strip_prefix(field)?

@@ -18,18 +18,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{self, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd as _, AsRawFd};
+use std::io::Read as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use weir_tests::yaml::{documents, endpointslice_yaml, service_yaml};
@@ -136,121 +131,6 @@ pub struct L7Ratio {
 // ---------------------------------------------------------------------------------------------------
 // Backends
 
-/// The HTTP backends, one poll loop per pod on the load CPU, stopped and joined on drop.
-struct Backends {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Backends {
-    fn start(pods: &[Pod]) -> anyhow::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut backends = Self {
-            stop: stop.clone(),
-            threads: Vec::new(),
-        };
-        for pod in pods {
-            let listener = pod
-                .run(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, BACKEND_PORT)))
-                .and_then(|r| r)
-                .with_context(|| format!("listen on {}:{BACKEND_PORT}", pod.name()))?;
-            listener.set_nonblocking(true)?;
-            let (name, stop) = (pod.name().to_owned(), stop.clone());
-            backends.threads.push(
-                std::thread::Builder::new()
-                    .name(format!("l7-{name}"))
-                    .spawn(move || serve_http(&listener, &name, &stop))?,
-            );
-        }
-        Ok(backends)
-    }
-}
-
-impl Drop for Backends {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-fn http_reply(name: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{name}\n",
-        name.len() + 1
-    )
-    .into_bytes()
-}
-
-/// Answers every request (a header block; the proxies send GETs without bodies) with `http_reply`,
-/// keeping connections open.
-fn serve_http(listener: &TcpListener, name: &str, stop: &AtomicBool) {
-    net::pin();
-    let reply = http_reply(name);
-    let mut conns: Vec<(TcpStream, Vec<u8>)> = Vec::new();
-    let mut buf = [0u8; 8192];
-    while !stop.load(Ordering::Relaxed) {
-        let ready: Vec<bool> = {
-            let mut fds = Vec::with_capacity(conns.len() + 1);
-            fds.push(PollFd::new(listener.as_fd(), PollFlags::POLLIN));
-            fds.extend(
-                conns
-                    .iter()
-                    .map(|(s, _)| PollFd::new(s.as_fd(), PollFlags::POLLIN)),
-            );
-            match poll(&mut fds, PollTimeout::from(50u16)) {
-                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("l7 backend {name}: poll: {e}");
-                    return;
-                }
-            }
-            fds.iter()
-                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-                .collect()
-        };
-        let mut closed = Vec::new();
-        for (i, (stream, pending)) in conns.iter_mut().enumerate() {
-            if !ready[i + 1] {
-                continue;
-            }
-            match stream.read(&mut buf) {
-                Ok(0) => closed.push(i),
-                Ok(n) => {
-                    pending.extend_from_slice(&buf[..n]);
-                    while let Some(end) = find(pending, b"\r\n\r\n") {
-                        pending.drain(..end + 4);
-                        if stream.write_all(&reply).is_err() {
-                            closed.push(i);
-                            break;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => closed.push(i),
-            }
-        }
-        closed.dedup();
-        for i in closed.into_iter().rev() {
-            conns.swap_remove(i);
-        }
-        if ready[0] {
-            while let Ok((stream, _)) = listener.accept() {
-                if stream.set_nonblocking(true).is_ok() {
-                    let _ = stream.set_nodelay(true);
-                    conns.push((stream, Vec::new()));
-                }
-            }
-        }
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Load generator
 
@@ -285,7 +165,7 @@ impl Round {
 
 /// Where a complete response ends in `buf` and its body: `Ok(None)` while incomplete.
 fn parse_response(buf: &[u8]) -> anyhow::Result<Option<(usize, &[u8])>> {
-    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+    let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         ensure!(buf.len() < 16 * 1024, "response headers over 16 KiB");
         return Ok(None);
     };
@@ -328,25 +208,6 @@ async fn connect(target: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
     Ok(stream)
 }
 
-/// Closes with a RST (SO_LINGER 0), as the end-to-end bench does: no TIME_WAIT, so fresh connections
-/// never run out of ports.
-fn linger_zero(stream: &impl AsRawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on a valid socket fd with a correctly sized `linger` value.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            std::ptr::from_ref(&linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
-}
-
 /// One client connection's loop until `deadline`. `stream` is an established, warmed-up connection
 /// (persistent) or `None` (fresh: connect, one request, close, for each request).
 async fn client_loop(
@@ -377,18 +238,18 @@ async fn client_loop(
                     .push(started.elapsed().as_secs_f64() * 1e6);
                 *round.responses.entry(backend).or_default() += 1;
                 if fresh {
-                    linger_zero(&s);
+                    net::set_linger_zero(&s);
                 } else {
                     stream = Some(s);
                 }
             }
             Ok(Err(e)) => {
                 round.error(format!("{e:#}"));
-                linger_zero(&s);
+                net::set_linger_zero(&s);
             }
             Err(_) => {
                 round.error("request timed out");
-                linger_zero(&s);
+                net::set_linger_zero(&s);
             }
         }
         // A persistent connection that failed is replaced (outside the latency figures).
@@ -432,7 +293,7 @@ fn load(target: SocketAddr, connections: usize, fresh: bool, duration: Duration)
             match warm.await {
                 Ok(s) if !fresh => streams.push(Some(s)),
                 Ok(s) => {
-                    linger_zero(&s);
+                    net::set_linger_zero(&s);
                     streams.push(None);
                 }
                 Err(e) => total.error(format!("warm-up: {e:#}")),
@@ -682,16 +543,7 @@ fn pin_process(pid: u32, cpu: usize) -> anyhow::Result<()> {
 }
 
 fn rss_mb(pid: u32) -> Option<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix("VmRSS:")?
-            .trim()
-            .strip_suffix("kB")?
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .map(|kb| kb / 1024.0)
-    })
+    super::e2e::proc_status_mb(pid, "VmRSS:")
 }
 
 /// A process and its children (nginx's master and worker).
@@ -748,7 +600,7 @@ pub fn run(plan: &Plan, progress: &Progress) -> anyhow::Result<L7Results> {
         .map(|(name, ip)| lab.add_pod(name, *ip))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let client = lab.add_pod("client", [10, 0, 0, 20])?;
-    let _backends = Backends::start(&pods)?;
+    let _backends = net::Servers::start_with(&pods, BACKEND_PORT, net::Framing::Http)?;
 
     weir_config(&lab)?;
     let mut agent = lab.start_agent(&[])?;
@@ -992,7 +844,7 @@ mod tests {
 
     #[test]
     fn responses_parse_incrementally() {
-        let full = http_reply("be-a");
+        let full = net::Framing::Http.reply("be-a", std::net::Ipv4Addr::UNSPECIFIED.into());
         for cut in 0..full.len() {
             assert_eq!(parse_response(&full[..cut]).unwrap(), None);
         }

@@ -4,7 +4,7 @@
 
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::os::fd::{AsFd as _, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -40,9 +40,48 @@ pub struct Servers {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// What the servers speak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// A request is a line; the reply is one line, `<pod name> <local address>`.
+    Line,
+    /// A request is an HTTP/1.1 header block (GETs without bodies); the reply is a 200 whose body is
+    /// the pod's name. Connections stay open.
+    Http,
+}
+
+impl Framing {
+    fn end_of_request(self, pending: &[u8]) -> Option<usize> {
+        match self {
+            Framing::Line => pending.iter().position(|&b| b == b'\n').map(|i| i + 1),
+            Framing::Http => pending
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|i| i + 4),
+        }
+    }
+
+    pub fn reply(self, name: &str, local: IpAddr) -> Vec<u8> {
+        match self {
+            Framing::Line => format!("{name} {local}\n").into_bytes(),
+            Framing::Http => format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{name}\n",
+                name.len() + 1
+            )
+            .into_bytes(),
+        }
+    }
+}
+
 impl Servers {
-    /// Listens on `0.0.0.0:port` in every pod (so on all its addresses).
+    /// Line servers listening on `0.0.0.0:port` in every pod (so on all its addresses).
     pub fn start(pods: &[Pod], port: u16) -> anyhow::Result<Self> {
+        Self::start_with(pods, port, Framing::Line)
+    }
+
+    /// Servers of `framing` listening on `0.0.0.0:port` in every pod, one poll loop per pod pinned
+    /// to the load CPU.
+    pub fn start_with(pods: &[Pod], port: u16, framing: Framing) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for pod in pods {
@@ -55,7 +94,7 @@ impl Servers {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("bench-{name}"))
-                    .spawn(move || serve(&listener, &name, &stop))?,
+                    .spawn(move || serve(&listener, &name, &stop, framing))?,
             );
         }
         Ok(Self { stop, threads })
@@ -77,7 +116,7 @@ struct Conn {
     reply: Vec<u8>,
 }
 
-fn serve(listener: &TcpListener, name: &str, stop: &AtomicBool) {
+fn serve(listener: &TcpListener, name: &str, stop: &AtomicBool, framing: Framing) {
     pin();
     let mut conns: Vec<Conn> = Vec::new();
     let mut buf = [0u8; 4096];
@@ -111,8 +150,8 @@ fn serve(listener: &TcpListener, name: &str, stop: &AtomicBool) {
                 Ok(0) => closed.push(i),
                 Ok(n) => {
                     c.pending.extend_from_slice(&buf[..n]);
-                    while let Some(end) = c.pending.iter().position(|&b| b == b'\n') {
-                        c.pending.drain(..=end);
+                    while let Some(end) = framing.end_of_request(&c.pending) {
+                        c.pending.drain(..end);
                         if c.stream.write_all(&c.reply).is_err() {
                             closed.push(i);
                             break;
@@ -139,7 +178,7 @@ fn serve(listener: &TcpListener, name: &str, stop: &AtomicBool) {
                             conns.push(Conn {
                                 stream,
                                 pending: Vec::new(),
-                                reply: format!("{name} {local}\n").into_bytes(),
+                                reply: framing.reply(name, local),
                             });
                         }
                     }
@@ -153,7 +192,7 @@ fn serve(listener: &TcpListener, name: &str, stop: &AtomicBool) {
 
 /// Closes with a RST (SO_LINGER 0): no TIME_WAIT, so a client can open connections at full speed
 /// without running out of ports.
-fn set_linger_zero(stream: &TcpStream) {
+pub fn set_linger_zero(stream: &impl AsRawFd) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,

@@ -21,7 +21,7 @@ use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use serde::{Deserialize, Serialize};
 use weir_agent::datapath::{Capacities, Datapath, Maps, StatsReader};
@@ -313,32 +313,14 @@ fn capacity(n: usize) -> u32 {
         .max(weir_common::DEFAULT_SERVICES_MAX as usize) as u32
 }
 
-/// The loaded `weir_pod_ingress` whose maps are pinned in `pin_dir` (the agent library keeps its program
-/// private; the kernel's program list finds it by the maps it uses).
+/// The loaded `weir_pod_ingress` whose maps are pinned in `pin_dir`, and what the kernel says of it.
 pub fn find_program(pin_dir: &Path) -> anyhow::Result<(aya::programs::ProgramFd, ProgramFacts)> {
-    let services = aya::maps::MapInfo::from_pin(pin_dir.join(MAP_SERVICES))
-        .context("reading the pinned services map")?
-        .id();
-    for info in aya::programs::loaded_programs() {
-        let Ok(info) = info else { continue };
-        let Ok(Some(ids)) = info.map_ids() else {
-            continue;
-        };
-        let named = info
-            .name_as_str()
-            .is_some_and(|n| !n.is_empty() && PROG_POD_INGRESS.starts_with(n));
-        if named && ids.contains(&services) {
-            let facts = ProgramFacts {
-                jited_bytes: info.size_jitted(),
-                verified_insns: info.verified_instruction_count(),
-            };
-            return Ok((info.fd().context("fd of the loaded program")?, facts));
-        }
-    }
-    bail!(
-        "no loaded {PROG_POD_INGRESS} uses the maps pinned in {}",
-        pin_dir.display()
-    )
+    let info = weir_tests::packet::rig::loaded_program(pin_dir, PROG_POD_INGRESS)?;
+    let facts = ProgramFacts {
+        jited_bytes: info.size_jitted(),
+        verified_insns: info.verified_instruction_count(),
+    };
+    Ok((info.fd().context("fd of the loaded program")?, facts))
 }
 
 /// An Ethernet + IPv4 + TCP frame (54 bytes) with valid checksums.

@@ -9,7 +9,6 @@ use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 
 /// `bpf(cmd, attr, sizeof(attr))`; the kernel zero-extends an attr shorter than its own.
@@ -72,36 +71,7 @@ pub fn load_empty_classifier() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-/// What one `BPF_PROG_TEST_RUN` reported.
-#[derive(Clone, Copy, Debug)]
-pub struct TestRun {
-    /// The program's return code (TC: `TC_ACT_OK` is 0, `TC_ACT_SHOT` 2).
-    pub retval: u32,
-    /// Mean nanoseconds per run as the kernel measured it (integer; one run includes the timer's own
-    /// overhead, which the empty program's figure carries too).
-    pub duration_ns: u32,
-}
+pub use weir_tests::packet::rig::TestRun;
 
 /// Runs the program `repeat` times over one skb built from `data` (Ethernet frame). With `repeat` > 1
 /// every run after the first sees what the previous one left in the buffer.
@@ -111,22 +81,7 @@ pub fn test_run(
     out: Option<&mut [u8]>,
     repeat: u32,
 ) -> io::Result<TestRun> {
-    let mut attr = TestRunAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        data_size_in: data.len() as u32,
-        data_in: data.as_ptr() as u64,
-        repeat,
-        ..TestRunAttr::default()
-    };
-    if let Some(out) = out {
-        attr.data_out = out.as_mut_ptr() as u64;
-        attr.data_size_out = out.len() as u32;
-    }
-    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    Ok(TestRun {
-        retval: attr.retval,
-        duration_ns: attr.duration,
-    })
+    weir_tests::packet::rig::test_run_raw(prog, data, out, repeat, None)
 }
 
 #[repr(C)]
