@@ -107,15 +107,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for iface in &args.external_ifaces {
         let index = nix::net::if_::if_nametoindex(iface.as_str())
             .with_context(|| format!("--external-iface {iface}: no such interface"))?;
-        match iface_ipv4(iface) {
-            Some(addr) => datapath
-                .set_external_address(index, addr)
-                .with_context(|| format!("--external-iface {iface}"))?,
-            None => warn!(
-                iface = %iface,
-                "no IPv4 address: outside traffic arriving here cannot be SNATed to backends on other nodes"
-            ),
+        let (v4, v6) = iface_addresses(iface);
+        for (family, missing) in [("IPv4", v4.is_none()), ("IPv6", v6.is_none())] {
+            if missing {
+                warn!(
+                    iface = %iface,
+                    "no {family} address: outside {family} traffic arriving here cannot be SNATed to backends on other nodes"
+                );
+            }
         }
+        datapath
+            .set_external_address(index, v4, v6)
+            .with_context(|| format!("--external-iface {iface}"))?;
         datapath
             .attach(index, iface, Hook::External)
             .with_context(|| format!("--external-iface {iface}"))?;
@@ -330,16 +333,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first IPv4 address of `iface`, the source for SNAT of outside traffic it carries.
-fn iface_ipv4(iface: &str) -> Option<std::net::Ipv4Addr> {
-    nix::ifaddrs::getifaddrs()
-        .ok()?
+/// The first IPv4 and the first global IPv6 address of `iface`, the sources for SNAT of outside traffic
+/// it carries (a link-local address cannot be routed back to).
+fn iface_addresses(iface: &str) -> (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return (None, None);
+    };
+    let addrs: Vec<_> = addrs
         .filter(|a| a.interface_name == iface)
-        .find_map(|a| a.address?.as_sockaddr_in().map(|sin| sin.ip()))
+        .filter_map(|a| a.address)
+        .collect();
+    let v4 = addrs
+        .iter()
+        .find_map(|a| a.as_sockaddr_in().map(|sin| sin.ip()));
+    let v6 = addrs
+        .iter()
+        .filter_map(|a| a.as_sockaddr_in6().map(|sin| sin.ip()))
+        .find(|ip| !ip.is_unicast_link_local() && !ip.is_loopback());
+    (v4, v6)
 }
 
 /// Node IPs for NodePorts: `--node-ip` if given, else the Node object's addresses when the source knows
-/// them, else the node's addresses read from netlink at start. IPv4 only: the datapath is IPv4 today.
+/// them, else the node's addresses read from netlink at start; both families.
 fn node_context(
     args: &Args,
     name: &str,
@@ -353,13 +368,7 @@ fn node_context(
     } else {
         startup_ips
     };
-    let mut ips: Vec<std::net::Ipv4Addr> = ips
-        .iter()
-        .filter_map(|ip| match ip {
-            std::net::IpAddr::V4(v4) => Some(*v4),
-            std::net::IpAddr::V6(_) => None,
-        })
-        .collect();
+    let mut ips: Vec<std::net::IpAddr> = ips.to_vec();
     ips.sort();
     ips.dedup();
     // The flag wins, as kube-proxy's flags win over what it reads from its Node.
@@ -433,11 +442,13 @@ fn steer_routed_frontends(
         ServiceDirectory::from_model(&snapshot.services, desired)
     };
     for addr in table.steered_frontends(&directory) {
+        // Steering is IPv4 only: the proxy's transparent listener and policy route are IPv4; an IPv6
+        // frontend of a routed Service stays L4-balanced.
         let std::net::SocketAddr::V4(v4) = addr else {
             continue;
         };
         let key = model::Frontend {
-            ip: *v4.ip(),
+            ip: std::net::IpAddr::V4(*v4.ip()),
             port: v4.port(),
             protocol: model::Protocol::Tcp,
         };

@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap as StdHashMap,
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -22,10 +22,11 @@ use aya::{
 };
 use tracing::{info, warn};
 use weir_common::{
-    Backend, CONFIG_L7_PORT, CONFIG_NETNS_COOKIE, CtKey, CtValue, MAP_AFFINITY, MAP_BACKENDS,
-    MAP_CONFIG, MAP_CONNTRACK, MAP_EXT_IFACES, MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS,
+    Backend, CONFIG_L7_PORT, CONFIG_NETNS_COOKIE, CtKey, CtKey6, CtValue, CtValue6, ExtIface,
+    MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_EXT_IFACES, MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS,
     MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS, MemberKey, PROG_EXT_INGRESS, PROG_POD_INGRESS,
-    PROG_SOCK_CONNECT4, PROG_SOCK_GETPEERNAME4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
+    PROG_SOCK_CONNECT4, PROG_SOCK_CONNECT6, PROG_SOCK_GETPEERNAME4, PROG_SOCK_GETPEERNAME6,
+    PROG_SOCK_RECVMSG4, PROG_SOCK_RECVMSG6, PROG_SOCK_SENDMSG4, PROG_SOCK_SENDMSG6,
     SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT, ServiceCounters, ServiceKey, ServiceValue,
     SourceRangeKey, TABLE_CHUNK_SLOTS, TableChunk,
 };
@@ -126,7 +127,7 @@ struct Attachment {
 /// The loaded object: owns the program and its attachments.
 pub struct Datapath {
     ebpf: Ebpf,
-    ext_ifaces: HashMap<MapData, u32, u32>,
+    ext_ifaces: HashMap<MapData, u32, ExtIface>,
     links_dir: PathBuf,
     attached: StdHashMap<u32, Attachment>,
 }
@@ -141,8 +142,9 @@ pub struct Maps {
     service_stats: PerCpuHashMap<MapData, ServiceKey, ServiceCounters>,
     members: HashMap<MapData, MemberKey, u32>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u32>,
-    /// A writable handle on the pinned conntrack map, to purge the flows of deleted frontends.
+    /// Writable handles on the pinned conntrack maps, to purge the flows of deleted frontends.
     conntrack: HashMap<MapData, CtKey, CtValue>,
+    conntrack6: HashMap<MapData, CtKey6, CtValue6>,
     /// Which backend ids each table's members are, to delete them with the table.
     member_index: StdHashMap<u32, Vec<u32>>,
 }
@@ -151,6 +153,7 @@ pub struct Maps {
 pub struct StatsReader {
     stats: PerCpuArray<MapData, u64>,
     conntrack: aya::maps::Map,
+    conntrack6: aya::maps::Map,
     service_stats: PerCpuHashMap<MapData, ServiceKey, ServiceCounters>,
     conntrack_max: u32,
 }
@@ -168,6 +171,7 @@ impl Datapath {
             .map_max_entries(MAP_BACKENDS, caps.backends)
             .map_max_entries(MAP_MAGLEV, caps.maglev_chunks)
             .map_max_entries(MAP_CONNTRACK, caps.conntrack)
+            .map_max_entries(MAP_CONNTRACK6, caps.conntrack)
             .map_max_entries(MAP_AFFINITY, caps.affinity)
             .map_max_entries(MAP_SOURCE_RANGES, caps.source_ranges)
             .map_max_entries(weir_common::MAP_SOCK_REVNAT, caps.sock_revnat)
@@ -252,6 +256,12 @@ impl Datapath {
                     name: MAP_CONNTRACK,
                     source,
                 })?,
+            conntrack6: MapData::from_pin(pin_dir.join(MAP_CONNTRACK6))
+                .and_then(|m| HashMap::try_from(aya::maps::Map::LruHashMap(m)))
+                .map_err(|source| DatapathError::Map {
+                    name: MAP_CONNTRACK6,
+                    source,
+                })?,
             source_ranges: LpmTrie::try_from(take_raw(&mut ebpf, MAP_SOURCE_RANGES)?).map_err(
                 |source| DatapathError::Map {
                     name: MAP_SOURCE_RANGES,
@@ -272,6 +282,7 @@ impl Datapath {
                 }
             })?,
             conntrack: take_raw(&mut ebpf, MAP_CONNTRACK)?,
+            conntrack6: take_raw(&mut ebpf, MAP_CONNTRACK6)?,
             // A second handle on the pinned map: the writer deletes a frontend's counters with it.
             service_stats: MapData::from_pin(pin_dir.join(MAP_SERVICE_STATS))
                 .and_then(|m| PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(m)))
@@ -394,15 +405,20 @@ impl Datapath {
             })
     }
 
-    /// Records this node's IPv4 address on an external interface, which outside traffic to a backend on
-    /// another node is SNATed to.
+    /// Records this node's addresses on an external interface, which outside traffic to a backend on
+    /// another node is SNATed to (a family without an address there is not SNATed).
     pub fn set_external_address(
         &mut self,
         index: u32,
-        addr: Ipv4Addr,
+        v4: Option<Ipv4Addr>,
+        v6: Option<Ipv6Addr>,
     ) -> Result<(), DatapathError> {
+        let value = ExtIface {
+            addr4_be: v4.map_or(0, |a| u32::from(a).to_be()),
+            addr6_be: v6.map_or([0; 4], |a| weir_common::addr_of(IpAddr::V6(a))),
+        };
         self.ext_ifaces
-            .insert(index, u32::from(addr).to_be(), 0)
+            .insert(index, value, 0)
             .map_err(|source| DatapathError::Map {
                 name: MAP_EXT_IFACES,
                 source,
@@ -523,11 +539,15 @@ impl Datapath {
     }
 }
 
-const SOCK_PROGRAMS: [&str; 4] = [
+const SOCK_PROGRAMS: [&str; 8] = [
     PROG_SOCK_CONNECT4,
     PROG_SOCK_SENDMSG4,
     PROG_SOCK_RECVMSG4,
     PROG_SOCK_GETPEERNAME4,
+    PROG_SOCK_CONNECT6,
+    PROG_SOCK_SENDMSG6,
+    PROG_SOCK_RECVMSG6,
+    PROG_SOCK_GETPEERNAME6,
 ];
 
 /// The cookie the kernel gives this network namespace (what `bpf_get_netns_cookie` returns in it).
@@ -695,14 +715,26 @@ impl Maps {
     }
 }
 
-fn source_range_key(frontend: ServiceKey, (addr, len): (Ipv4Addr, u8)) -> LpmKey<SourceRangeKey> {
+fn source_range_key(frontend: ServiceKey, (addr, len): (IpAddr, u8)) -> LpmKey<SourceRangeKey> {
+    // IPv4 ranges are over the IPv4-mapped form: its 96-bit prefix is fixed.
+    let mapped_bits = if addr.is_ipv4() { 96 } else { 0 };
     LpmKey::new(
-        SOURCE_RANGE_FRONTEND_BITS + u32::from(len),
+        SOURCE_RANGE_FRONTEND_BITS + mapped_bits + u32::from(len),
         SourceRangeKey {
             frontend,
-            addr_be: u32::from(addr).to_be(),
+            addr_be: weir_common::addr_of(addr),
         },
     )
+}
+
+/// The frontend a conntrack entry's flow was addressed to.
+fn frontend_key(addr_be: weir_common::Addr, port_be: u16, proto: u8) -> ServiceKey {
+    ServiceKey {
+        addr_be,
+        port_be,
+        proto,
+        pad: 0,
+    }
 }
 
 impl Maps {
@@ -791,7 +823,7 @@ impl MapWriter for Maps {
             .map_err(|e| map_error(MAP_SERVICES, "insert", e))
     }
 
-    fn put_source_range(&mut self, key: ServiceKey, range: (Ipv4Addr, u8)) -> Result<(), MapError> {
+    fn put_source_range(&mut self, key: ServiceKey, range: (IpAddr, u8)) -> Result<(), MapError> {
         self.source_ranges
             .insert(&source_range_key(key, range), 1, 0)
             .map_err(|e| map_error(MAP_SOURCE_RANGES, "insert", e))
@@ -800,7 +832,7 @@ impl MapWriter for Maps {
     fn delete_source_range(
         &mut self,
         key: ServiceKey,
-        range: (Ipv4Addr, u8),
+        range: (IpAddr, u8),
     ) -> Result<(), MapError> {
         ignore_missing(self.source_ranges.remove(&source_range_key(key, range)))
             .map_err(|e| map_error(MAP_SOURCE_RANGES, "delete", e))
@@ -810,36 +842,44 @@ impl MapWriter for Maps {
         &mut self,
         frontends: &std::collections::BTreeSet<ServiceKey>,
     ) -> Result<usize, MapError> {
-        let frontend_of = |k: &CtKey, v: &CtValue| {
-            if v.kind == weir_common::CT_REVERSE {
-                ServiceKey {
-                    addr_be: v.nat_addr_be,
-                    port_be: v.nat_port_be,
-                    proto: k.proto,
-                    pad: 0,
-                }
-            } else {
-                ServiceKey {
-                    addr_be: k.daddr_be,
-                    port_be: k.dport_be,
-                    proto: k.proto,
-                    pad: 0,
-                }
-            }
-        };
         // Collect first: deleting while walking the keys can make the walk restart.
         let doomed: Vec<CtKey> = self
             .conntrack
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| frontends.contains(&frontend_of(k, v)))
+            .filter(|(k, v)| {
+                let (addr, port) = if v.kind == weir_common::CT_REVERSE {
+                    (v.nat_addr_be, v.nat_port_be)
+                } else {
+                    (k.daddr_be, k.dport_be)
+                };
+                frontends.contains(&frontend_key(weir_common::v4_mapped(addr), port, k.proto))
+            })
             .map(|(k, _)| k)
             .collect();
         for k in &doomed {
             ignore_missing(self.conntrack.remove(k))
                 .map_err(|e| map_error(MAP_CONNTRACK, "delete", e))?;
         }
-        Ok(doomed.len())
+        let doomed6: Vec<CtKey6> = self
+            .conntrack6
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                let (addr, port) = if v.kind == weir_common::CT_REVERSE {
+                    (v.nat_addr_be, v.nat_port_be)
+                } else {
+                    (k.daddr_be, k.dport_be)
+                };
+                frontends.contains(&frontend_key(addr, port, k.proto))
+            })
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed6 {
+            ignore_missing(self.conntrack6.remove(k))
+                .map_err(|e| map_error(MAP_CONNTRACK6, "delete", e))?;
+        }
+        Ok(doomed.len() + doomed6.len())
     }
 
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
@@ -886,13 +926,17 @@ impl StatsReader {
         self.conntrack_max
     }
 
-    /// Number of conntrack entries (both directions), counted by walking the keys.
+    /// Number of conntrack entries (both directions, both families), counted by walking the keys.
     pub fn conntrack_entries(&self) -> usize {
-        match aya::maps::HashMap::<&aya::maps::MapData, weir_common::CtKey, weir_common::CtValue>::try_from(
-            &self.conntrack,
-        ) {
+        let v4 = match aya::maps::HashMap::<&MapData, CtKey, CtValue>::try_from(&self.conntrack) {
             Ok(map) => map.keys().filter(Result::is_ok).count(),
             Err(_) => 0,
-        }
+        };
+        let v6 = match aya::maps::HashMap::<&MapData, CtKey6, CtValue6>::try_from(&self.conntrack6)
+        {
+            Ok(map) => map.keys().filter(Result::is_ok).count(),
+            Err(_) => 0,
+        };
+        v4 + v6
     }
 }

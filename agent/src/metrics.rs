@@ -334,9 +334,9 @@ fn frontend_name(key: &weir_common::ServiceKey) -> String {
         weir_common::PROTO_UDP => "UDP".to_owned(),
         other => other.to_string(),
     };
-    format!(
-        "{}:{}/{proto}",
-        std::net::Ipv4Addr::from(u32::from_be(key.addr_be)),
-        u16::from_be(key.port_be)
-    )
+    let addr = std::net::SocketAddr::new(
+        weir_common::ip_of(&key.addr_be),
+        u16::from_be(key.port_be),
+    );
+    format!("{addr}/{proto}")
 }

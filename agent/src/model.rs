@@ -4,7 +4,7 @@ use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -22,18 +22,27 @@ pub const ANY_OTHER_PORT: u16 = 0;
 /// The pre-field way to set loadBalancerSourceRanges, still honoured when the field is empty.
 pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
-/// `a.b.c.d/n` → `Some(Some((network, n)))`; an IPv6 CIDR → `Some(None)`; garbage → `None`.
-fn parse_cidr(s: &str) -> Option<Option<(Ipv4Addr, u8)>> {
+/// `a.b.c.d/n` or `x:y::/n` → `Some((network, n))` (host bits cleared); garbage → `None`.
+fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     let (addr, len) = s.split_once('/')?;
     let len: u8 = len.parse().ok()?;
     match addr.parse::<IpAddr>().ok()? {
         IpAddr::V4(v4) if len <= 32 => {
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            Some(Some((Ipv4Addr::from(u32::from(v4) & mask), len)))
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            Some((Ipv4Addr::from(u32::from(v4) & mask).into(), len))
         }
-        IpAddr::V6(_) if len <= 128 => Some(None),
+        IpAddr::V6(v6) if len <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            Some((Ipv6Addr::from(u128::from(v6) & mask).into(), len))
+        }
         _ => None,
     }
+}
+
+/// Both addresses of one family (dual-stack Services are two single-stack Services to the datapath,
+/// as they are to kube-proxy's per-family proxiers).
+pub fn same_family(a: &IpAddr, b: &IpAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4()
 }
 
 /// The API's default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
@@ -96,28 +105,30 @@ impl fmt::Display for Protocol {
 /// An address clients dial.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Frontend {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        let addr = std::net::SocketAddr::new(self.ip, self.port);
+        write!(f, "{addr}/{}", self.protocol)
     }
 }
 
 /// An endpoint address traffic is translated to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BackendAddr {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.ip, self.port, self.protocol)
+        let addr = std::net::SocketAddr::new(self.ip, self.port);
+        write!(f, "{addr}/{}", self.protocol)
     }
 }
 
@@ -132,8 +143,8 @@ pub struct FrontendState {
     pub drop_when_empty: bool,
     /// ClientIP session affinity timeout in seconds; 0 for none.
     pub affinity_timeout_s: u32,
-    /// Client prefixes allowed on this frontend; empty means everyone.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// Client prefixes allowed on this frontend (of its family); empty means everyone.
+    pub source_ranges: Vec<(IpAddr, u8)>,
     /// An HTTPRoute is attached: pods' TCP connections go to the L7 proxy.
     pub l7: bool,
 }
@@ -206,16 +217,17 @@ pub struct ServicePort {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub id: NsName,
-    pub cluster_ips: Vec<Ipv4Addr>,
+    /// One per family (`spec.clusterIPs`); each family is served only by its own endpoints.
+    pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     /// `spec.externalIPs`: balanced like the ClusterIP, on the service ports, when traffic for them
     /// reaches the node.
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// `status.loadBalancer.ingress[].ip`: like external IPs, and subject to `source_ranges`.
-    pub lb_ips: Vec<Ipv4Addr>,
+    pub lb_ips: Vec<IpAddr>,
     /// `spec.loadBalancerSourceRanges` (or the beta annotation): only these clients reach the
     /// LoadBalancer IPs; empty means everyone. NodePorts and the ClusterIP are not filtered.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    pub source_ranges: Vec<(IpAddr, u8)>,
     /// `internalTrafficPolicy: Local`: ClusterIP traffic only to endpoints on this node.
     pub internal_local: bool,
     /// `externalTrafficPolicy: Local`: NodePort/external traffic only to endpoints on this node.
@@ -241,7 +253,7 @@ pub struct SlicePort {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub ready: bool,
     /// Serving while terminating: used only when no endpoint is ready (kube-proxy's fallback).
     pub serving: bool,
@@ -309,14 +321,19 @@ impl ServiceSpec {
         if ips.is_empty() || ips.iter().all(|(_, ip)| ip.is_empty()) {
             return Err(FieldError::new("spec.clusterIP", "no ClusterIP allocated"));
         }
-        let mut cluster_ips = Vec::new();
+        let mut cluster_ips: Vec<IpAddr> = Vec::new();
         for (field, ip) in ips {
-            match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(v4)) => cluster_ips.push(v4),
-                // The IPv6 datapath is not built yet; an IPv6 family is valid input, just not served.
-                Ok(IpAddr::V6(_)) => {}
-                Err(_) => return Err(FieldError::new(field, format!("invalid IP address {ip:?}"))),
+            let Ok(ip) = ip.parse::<IpAddr>() else {
+                return Err(FieldError::new(field, format!("invalid IP address {ip:?}")));
+            };
+            // The API server allows one ClusterIP per family.
+            if cluster_ips.iter().any(|c| same_family(c, &ip)) {
+                return Err(FieldError::new(
+                    field,
+                    format!("a second ClusterIP of the same family ({ip})"),
+                ));
             }
+            cluster_ips.push(ip);
         }
         let exposes_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let mut ports = Vec::new();
@@ -352,8 +369,7 @@ impl ServiceSpec {
         let mut external_ips = Vec::new();
         for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
             match ip.parse::<IpAddr>() {
-                Ok(IpAddr::V4(v4)) => external_ips.push(v4),
-                Ok(IpAddr::V6(_)) => {}
+                Ok(ip) => external_ips.push(ip),
                 Err(_) => {
                     return Err(FieldError::new(
                         format!("spec.externalIPs[{i}]"),
@@ -371,8 +387,7 @@ impl ServiceSpec {
         for (i, ing) in ingress.into_iter().flatten().enumerate() {
             if let Some(ip) = &ing.ip {
                 match ip.parse::<IpAddr>() {
-                    Ok(IpAddr::V4(v4)) => lb_ips.push(v4),
-                    Ok(IpAddr::V6(_)) => {}
+                    Ok(ip) => lb_ips.push(ip),
                     Err(_) => {
                         return Err(FieldError::new(
                             format!("status.loadBalancer.ingress[{i}].ip"),
@@ -411,9 +426,7 @@ impl ServiceSpec {
         let mut source_ranges = Vec::new();
         for (i, r) in ranges.iter().enumerate() {
             match parse_cidr(r) {
-                Some(Some(v4)) => source_ranges.push(v4),
-                // An IPv6 range filters IPv6 clients, which this datapath does not serve yet.
-                Some(None) => {}
+                Some(range) => source_ranges.push(range),
                 None => {
                     return Err(FieldError::new(
                         format!("{ranges_field}[{i}]"),
@@ -488,16 +501,18 @@ impl SliceSpec {
             // Slices without the label are managed by someone else and belong to no Service.
             return Ok(None);
         };
-        match slice.address_type.as_str() {
-            "IPv4" => {}
-            "IPv6" | "FQDN" => return Ok(None),
+        let v6 = match slice.address_type.as_str() {
+            "IPv4" => false,
+            "IPv6" => true,
+            "FQDN" => return Ok(None),
             other => {
                 return Err(FieldError::new(
                     "addressType",
                     format!("unknown address type {other:?}"),
                 ));
             }
-        }
+        };
+        let family = if v6 { "IPv6" } else { "IPv4" };
         let mut ports = Vec::new();
         for (i, p) in slice.ports.iter().flatten().enumerate() {
             let field = format!("ports[{i}]");
@@ -524,12 +539,16 @@ impl SliceSpec {
                 .and_then(|h| h.for_zones.as_ref())
                 .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>());
             for (j, addr) in ep.addresses.iter().enumerate() {
-                let ip = addr.parse::<Ipv4Addr>().map_err(|_| {
-                    FieldError::new(
-                        format!("endpoints[{i}].addresses[{j}]"),
-                        format!("invalid IPv4 address {addr:?}"),
-                    )
-                })?;
+                let ip = addr
+                    .parse::<IpAddr>()
+                    .ok()
+                    .filter(|ip| ip.is_ipv6() == v6)
+                    .ok_or_else(|| {
+                        FieldError::new(
+                            format!("endpoints[{i}].addresses[{j}]"),
+                            format!("invalid {family} address {addr:?}"),
+                        )
+                    })?;
                 endpoints.push(Endpoint {
                     ip,
                     ready,
@@ -578,7 +597,8 @@ pub fn desired<'a, V: Borrow<ServiceSpec> + 'a, L: Borrow<SliceSpec> + 'a>(
 /// What frontends depend on besides the objects: the node's own addresses (NodePorts answer on each).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
-    pub ips: Vec<Ipv4Addr>,
+    /// Both families; a Service's NodePorts answer on the node IPs of the families it has.
+    pub ips: Vec<IpAddr>,
     /// This node's name: endpoints whose `nodeName` equals it are local.
     pub name: String,
     /// This node's zone (`topology.kubernetes.io/zone`), for topology hints.
@@ -647,72 +667,97 @@ fn service_frontends<S: Borrow<SliceSpec>>(
                 endpoints.extend(slice.endpoints.iter().map(|ep| (ep, sp.port)));
             }
         }
-        let addrs = |chosen: Vec<(&Endpoint, u16)>| -> BTreeSet<BackendAddr> {
-            chosen
-                .into_iter()
-                .map(|(ep, p)| BackendAddr {
-                    ip: ep.ip,
-                    port: p,
-                    protocol: port.protocol,
-                })
-                .collect()
-        };
-        let internal = addrs(select(
-            &endpoints,
-            svc.internal_local,
-            svc.prefer_close,
-            node,
-        ));
-        let external = addrs(select(
-            &endpoints,
-            svc.external_local,
-            svc.prefer_close,
-            node,
-        ));
-
-        let state = |backends: &BTreeSet<BackendAddr>, local: bool| FrontendState {
-            service: svc.id.clone(),
-            port_name: port.name.clone(),
-            backends: backends.clone(),
-            drop_when_empty: local,
-            affinity_timeout_s: svc.affinity_timeout.unwrap_or(0),
-            source_ranges: Vec::new(),
-            l7: false,
-        };
-        for ip in &svc.cluster_ips {
-            let f = Frontend {
-                ip: *ip,
-                port: port.port,
-                protocol: port.protocol,
-            };
-            out.push((f, state(&internal, svc.internal_local)));
-        }
-        // Traffic to these comes from outside the cluster network: externalTrafficPolicy governs it.
-        for ip in &svc.lb_ips {
-            let f = Frontend {
-                ip: *ip,
-                port: port.port,
-                protocol: port.protocol,
-            };
-            let mut st = state(&external, svc.external_local);
-            st.source_ranges = svc.source_ranges.clone();
-            out.push((f, st));
-        }
-        let on_external_ip = svc.external_ips.iter().map(|ip| (*ip, port.port));
-        let on_node_port = port
-            .node_port
-            .into_iter()
-            .flat_map(|np| node.ips.iter().map(move |ip| (*ip, np)));
-        for (ip, number) in on_external_ip.chain(on_node_port) {
-            let f = Frontend {
-                ip,
-                port: number,
-                protocol: port.protocol,
-            };
-            out.push((f, state(&external, svc.external_local)));
+        // Each family on its own, as kube-proxy's per-family proxiers see them: a frontend of one
+        // family gets endpoints of that family, chosen among those alone.
+        for cluster_ip in &svc.cluster_ips {
+            let family: Vec<(&Endpoint, u16)> = endpoints
+                .iter()
+                .filter(|(ep, _)| same_family(&ep.ip, cluster_ip))
+                .copied()
+                .collect();
+            family_frontends(svc, port, cluster_ip, &family, node, &mut out);
         }
     }
     out
+}
+
+/// The frontends of one Service port in the family of `cluster_ip`: the ClusterIP, and the LoadBalancer
+/// IPs, external IPs and node IPs of that family.
+fn family_frontends(
+    svc: &ServiceSpec,
+    port: &ServicePort,
+    cluster_ip: &IpAddr,
+    endpoints: &[(&Endpoint, u16)],
+    node: &NodeContext,
+    out: &mut Vec<(Frontend, FrontendState)>,
+) {
+    let addrs = |chosen: Vec<(&Endpoint, u16)>| -> BTreeSet<BackendAddr> {
+        chosen
+            .into_iter()
+            .map(|(ep, p)| BackendAddr {
+                ip: ep.ip,
+                port: p,
+                protocol: port.protocol,
+            })
+            .collect()
+    };
+    let internal = addrs(select(
+        endpoints,
+        svc.internal_local,
+        svc.prefer_close,
+        node,
+    ));
+    let external = addrs(select(
+        endpoints,
+        svc.external_local,
+        svc.prefer_close,
+        node,
+    ));
+
+    let state = |backends: &BTreeSet<BackendAddr>, local: bool| FrontendState {
+        service: svc.id.clone(),
+        port_name: port.name.clone(),
+        backends: backends.clone(),
+        drop_when_empty: local,
+        affinity_timeout_s: svc.affinity_timeout.unwrap_or(0),
+        source_ranges: Vec::new(),
+        l7: false,
+    };
+    let frontend = |ip: IpAddr, number: u16| Frontend {
+        ip,
+        port: number,
+        protocol: port.protocol,
+    };
+    let ours = |ip: &&IpAddr| same_family(ip, cluster_ip);
+    out.push((
+        frontend(*cluster_ip, port.port),
+        state(&internal, svc.internal_local),
+    ));
+    // kube-proxy keeps the ranges of the frontend's family; none left means no filter.
+    let ranges: Vec<(IpAddr, u8)> = svc
+        .source_ranges
+        .iter()
+        .filter(|(ip, _)| same_family(ip, cluster_ip))
+        .copied()
+        .collect();
+    // Traffic to these comes from outside the cluster network: externalTrafficPolicy governs it.
+    for ip in svc.lb_ips.iter().filter(ours) {
+        let mut st = state(&external, svc.external_local);
+        st.source_ranges = ranges.clone();
+        out.push((frontend(*ip, port.port), st));
+    }
+    let on_external_ip = svc
+        .external_ips
+        .iter()
+        .filter(ours)
+        .map(|ip| (*ip, port.port));
+    let on_node_port = port
+        .node_port
+        .into_iter()
+        .flat_map(|np| node.ips.iter().filter(ours).map(move |ip| (*ip, np)));
+    for (ip, number) in on_external_ip.chain(on_node_port) {
+        out.push((frontend(ip, number), state(&external, svc.external_local)));
+    }
 }
 
 /// kube-proxy's endpoint selection (pkg/proxy/topology.go, CategorizeEndpoints) for one traffic policy:
@@ -781,12 +826,15 @@ pub fn health_checks(snapshot: &Snapshot, node: &NodeContext) -> Vec<HealthCheck
         if svc.proxy_name.is_some() && svc.proxy_name != node.service_proxy_name {
             continue;
         }
-        let local: BTreeSet<Ipv4Addr> = by_service
+        // Counted in the Service's primary family (a dual-stack pod has one address of each).
+        let primary_v6 = svc.cluster_ips.first().is_some_and(IpAddr::is_ipv6);
+        let local: BTreeSet<IpAddr> = by_service
             .get(&svc.id)
             .into_iter()
             .flatten()
             .flat_map(|s| s.endpoints.iter())
             .filter(|ep| ep.ready && ep.node_name.as_deref() == Some(node.name.as_str()))
+            .filter(|ep| ep.ip.is_ipv6() == primary_v6)
             .map(|ep| ep.ip)
             .collect();
         out.push(HealthCheck {

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use tracing::{error, warn};
 
 use weir_common::{
@@ -45,12 +45,12 @@ pub trait MapWriter {
     fn delete_table(&mut self, base: u32) -> Result<(), MapError>;
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
-    fn put_source_range(&mut self, key: ServiceKey, range: (Ipv4Addr, u8)) -> Result<(), MapError>;
+    fn put_source_range(&mut self, key: ServiceKey, range: (IpAddr, u8)) -> Result<(), MapError>;
     /// Idempotent.
     fn delete_source_range(
         &mut self,
         key: ServiceKey,
-        range: (Ipv4Addr, u8),
+        range: (IpAddr, u8),
     ) -> Result<(), MapError>;
     /// Removes the conntrack entries of flows to these (deleted) frontends; returns how many.
     fn purge_flows(&mut self, frontends: &BTreeSet<ServiceKey>) -> Result<usize, MapError>;
@@ -90,7 +90,7 @@ impl Programmed {
 
     /// The source ranges in the map for this frontend (none known for an adopted one: ranges left in
     /// the map are harmless to other frontends and the rewrite adds what this one needs).
-    fn source_ranges(&self) -> &[(Ipv4Addr, u8)] {
+    fn source_ranges(&self) -> &[(IpAddr, u8)] {
         self.state
             .as_ref()
             .map_or(&[], |s| s.source_ranges.as_slice())
@@ -174,7 +174,7 @@ fn build_table(
 
 pub fn service_key(f: &Frontend) -> ServiceKey {
     ServiceKey {
-        addr_be: u32::from(f.ip).to_be(),
+        addr_be: weir_common::addr_of(f.ip),
         port_be: f.port.to_be(),
         proto: f.protocol.number(),
         pad: 0,
@@ -183,7 +183,7 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
 
 fn backend_value(b: &BackendAddr) -> Backend {
     Backend {
-        addr_be: u32::from(b.ip).to_be(),
+        addr_be: weir_common::addr_of(b.ip),
         port_be: b.port.to_be(),
         proto: b.protocol.number(),
         pad: 0,
@@ -231,7 +231,7 @@ impl<W: MapWriter> Reconciler<W> {
                 }
             };
             let addr = BackendAddr {
-                ip: u32::from_be(b.addr_be).into(),
+                ip: weir_common::ip_of(&b.addr_be),
                 port: u16::from_be(b.port_be),
                 protocol,
             };
@@ -599,7 +599,7 @@ impl<W: MapWriter> Reconciler<W> {
             }
         };
         let mut value = value;
-        let old_ranges: Vec<(Ipv4Addr, u8)> = self
+        let old_ranges: Vec<(IpAddr, u8)> = self
             .frontends
             .get(&key)
             .map(|p| p.source_ranges().to_vec())

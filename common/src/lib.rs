@@ -13,8 +13,12 @@ pub const MAP_SERVICES: &str = "WEIR_SERVICES";
 pub const MAP_MAGLEV: &str = "WEIR_MAGLEV";
 /// Backend id → backend address.
 pub const MAP_BACKENDS: &str = "WEIR_BACKENDS";
-/// Connection tracking (LRU): a forward entry per client flow and a reverse entry per backend reply flow.
+/// Connection tracking of IPv4 flows (LRU): a forward entry per client flow and a reverse entry per
+/// backend reply flow. Conntrack is the only per-family map: it is on every packet's path and the
+/// largest, so IPv4 keeps its 16-byte key.
 pub const MAP_CONNTRACK: &str = "WEIR_CT";
+/// Connection tracking of IPv6 flows, as `MAP_CONNTRACK`.
+pub const MAP_CONNTRACK6: &str = "WEIR_CT6";
 /// Per-CPU datapath counters indexed by the `STAT_*` constants.
 pub const MAP_STATS: &str = "WEIR_STATS";
 /// LPM trie of allowed client prefixes per LoadBalancer frontend (`loadBalancerSourceRanges`).
@@ -31,16 +35,20 @@ pub const MAP_SERVICE_STATS: &str = "WEIR_SVC_STATS";
 pub const PROG_POD_INGRESS: &str = "weir_pod_ingress";
 /// Name of the TC program attached to the node's external interfaces (`--external-iface`).
 pub const PROG_EXT_INGRESS: &str = "weir_ext_ingress";
-/// External interfaces: ifindex → this node's IPv4 address on it (big-endian), the source used when
+/// External interfaces: ifindex → this node's addresses on it ([`ExtIface`]), the source used when
 /// outside traffic is SNATed towards a backend on another node.
 pub const MAP_EXT_IFACES: &str = "WEIR_EXT_IFACES";
 /// Socket-level load balancing for processes in the node's own network namespace (host-network
-/// clients): cgroup `connect4`/`sendmsg4` translate the destination before any packet exists,
-/// `recvmsg4`/`getpeername4` show the application the frontend it asked for.
+/// clients): cgroup `connect4/6`/`sendmsg4/6` translate the destination before any packet exists,
+/// `recvmsg4/6`/`getpeername4/6` show the application the frontend it asked for.
 pub const PROG_SOCK_CONNECT4: &str = "weir_sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "weir_sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "weir_sock_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "weir_sock_getpeername4";
+pub const PROG_SOCK_CONNECT6: &str = "weir_sock_connect6";
+pub const PROG_SOCK_SENDMSG6: &str = "weir_sock_sendmsg6";
+pub const PROG_SOCK_RECVMSG6: &str = "weir_sock_recvmsg6";
+pub const PROG_SOCK_GETPEERNAME6: &str = "weir_sock_getpeername6";
 /// (socket cookie, backend) → the frontend the socket addressed (LRU).
 pub const MAP_SOCK_REVNAT: &str = "WEIR_SOCK_REVNAT";
 /// Agent settings the programs read: index `CONFIG_NETNS_COOKIE` = the network namespace whose sockets
@@ -51,23 +59,82 @@ pub const CONFIG_NETNS_COOKIE: u32 = 0;
 pub const CONFIG_L7_PORT: u32 = 1;
 pub const CONFIG_SLOTS: u32 = 8;
 
+/// An address of either family as four network-order words: IPv6 as is, IPv4 as the IPv4-mapped IPv6
+/// address `::ffff:a.b.c.d` (so the IPv4 address is the last word). Every map but conntrack keys on it,
+/// which is also what a dual-stack socket's `connect6` to a mapped address hands the socket hooks.
+pub type Addr = [u32; 4];
+
+/// The third word of an IPv4-mapped address (bytes `00 00 ff ff`).
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// `::ffff:a.b.c.d` for a network-order IPv4 address.
+#[inline(always)]
+pub const fn v4_mapped(addr_be: u32) -> Addr {
+    [0, 0, V4_MAPPED_WORD, addr_be]
+}
+
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_WORD
+}
+
+/// The map form of an address.
+pub fn addr_of(ip: core::net::IpAddr) -> Addr {
+    let octets = match ip {
+        core::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let mut words = [0u32; 4];
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = u32::from_ne_bytes([
+            octets[4 * i],
+            octets[4 * i + 1],
+            octets[4 * i + 2],
+            octets[4 * i + 3],
+        ]);
+    }
+    words
+}
+
+/// The address a map entry names (IPv4-mapped back to IPv4).
+pub fn ip_of(addr: &Addr) -> core::net::IpAddr {
+    if is_v4_mapped(addr) {
+        return core::net::IpAddr::V4(u32::from_be(addr[3]).into());
+    }
+    let mut octets = [0u8; 16];
+    for (i, w) in addr.iter().enumerate() {
+        octets[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    core::net::IpAddr::V6(octets.into())
+}
+
 /// A socket and the backend it was sent to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockRevKey {
     pub cookie: u64,
-    pub backend_addr_be: u32,
+    pub backend_addr_be: Addr,
     pub backend_port_be: u16,
     pub pad: u16,
+    pub pad2: u32,
 }
 
 /// The frontend that socket addressed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockRevValue {
-    pub frontend_addr_be: u32,
+    pub frontend_addr_be: Addr,
     pub frontend_port_be: u16,
     pub pad: u16,
+}
+
+/// `MAP_EXT_IFACES` value: this node's addresses on an external interface (all-zero: none of that
+/// family), the SNAT source for outside flows sent to a backend on another node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtIface {
+    pub addr4_be: u32,
+    pub addr6_be: Addr,
 }
 
 pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;
@@ -128,6 +195,15 @@ pub const CT_REVERSE: u8 = 2;
 /// Source address of hairpin flows as their backend sees them (169.254.42.1, link-local like Cilium's):
 /// never assigned anywhere, only the datapath translates it.
 pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+/// The IPv6 hairpin source, `fd00:5745:4952::1` (a unique local address, "WEIR"), assigned nowhere. Not
+/// link-local: a pod would look for a link-local address on its own link instead of sending the reply
+/// to its gateway.
+pub const HAIRPIN_ADDR6: Addr = [
+    u32::from_ne_bytes([0xfd, 0x00, 0x57, 0x45]),
+    u32::from_ne_bytes([0x49, 0x52, 0, 0]),
+    0,
+    u32::from_ne_bytes([0, 0, 0, 1]),
+];
 
 /// Datapath counters (index into `MAP_STATS`).
 pub const STAT_FWD_NEW: u32 = 0;
@@ -181,7 +257,7 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
-    pub addr_be: u32,
+    pub addr_be: Addr,
     pub port_be: u16,
     pub proto: u8,
     pub pad: u8,
@@ -204,17 +280,18 @@ pub struct ServiceValue {
     pub pad: u32,
 }
 
-/// Data of a `MAP_SOURCE_RANGES` key (after the LPM prefix length): the frontend matches exactly (64
-/// bits), then the client address by the range's prefix, so the key's prefix length is 64 + range bits.
+/// Data of a `MAP_SOURCE_RANGES` key (after the LPM prefix length): the frontend matches exactly (160
+/// bits), then the client address by the range's prefix, so the key's prefix length is 160 + range bits
+/// (+ 96 for an IPv4 range, whose addresses are IPv4-mapped).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SourceRangeKey {
     pub frontend: ServiceKey,
-    pub addr_be: u32,
+    pub addr_be: Addr,
 }
 
 /// Bits of `SourceRangeKey` before the client address.
-pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 160;
 pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16_384;
 
 /// A client of a frontend, for session affinity.
@@ -222,8 +299,7 @@ pub const DEFAULT_SOURCE_RANGES_MAX: u32 = 16_384;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AffinityKey {
     pub frontend: ServiceKey,
-    pub client_addr_be: u32,
-    pub pad: u32,
+    pub client_addr_be: Addr,
 }
 
 #[repr(C)]
@@ -245,7 +321,7 @@ pub struct MemberKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
-    pub addr_be: u32,
+    pub addr_be: Addr,
     pub port_be: u16,
     pub proto: u8,
     pub pad: u8,
@@ -259,7 +335,7 @@ pub struct ServiceCounters {
     pub bytes: u64,
 }
 
-/// A flow as seen on the wire, before translation.
+/// An IPv4 flow as seen on the wire, before translation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -291,18 +367,47 @@ pub struct CtValue {
     pub pad2: [u8; 6],
 }
 
-const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+/// An IPv6 flow as seen on the wire, before translation (`MAP_CONNTRACK6`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr_be: Addr,
+    pub daddr_be: Addr,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// As [`CtValue`], for IPv6 flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue6 {
+    pub nat_addr_be: Addr,
+    pub nat_port_be: u16,
+    pub kind: u8,
+    pub pad: u8,
+    pub backend_id: u32,
+    pub peer_addr_be: Addr,
+    pub peer_port_be: u16,
+    pub pad2: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
-const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 36);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<MemberKey>() == 8);
 const _: () = assert!(core::mem::size_of::<TableChunk>() == 4 * TABLE_CHUNK_SLOTS as usize);
 const _: () = assert!(4096 % core::mem::size_of::<TableChunk>() == 0);
-const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 12);
-const _: () = assert!(core::mem::size_of::<SockRevKey>() == 16);
-const _: () = assert!(core::mem::size_of::<SockRevValue>() == 8);
-const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 36);
+const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
+const _: () = assert!(core::mem::size_of::<SockRevValue>() == 20);
+const _: () = assert!(core::mem::size_of::<ExtIface>() == 20);
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
+const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue6>() == 44);
 const _: () = assert!(core::mem::size_of::<ServiceCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 
@@ -323,4 +428,7 @@ mod pod {
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevValue {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for CtKey6 {}
+    unsafe impl aya::Pod for CtValue6 {}
+    unsafe impl aya::Pod for ExtIface {}
 }

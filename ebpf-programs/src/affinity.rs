@@ -1,18 +1,17 @@
 //! ClientIP session affinity (kube-proxy's `recent` match): a client's new connections to a frontend go to
 //! the backend of its previous one while they come less than `timeoutSeconds` apart.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use weir_common::{AffinityKey, AffinityValue, MemberKey, ServiceKey, ServiceValue};
+use weir_common::{Addr, AffinityKey, AffinityValue, MemberKey, ServiceKey, ServiceValue};
 
 use crate::maps::{AFFINITY, MEMBERS};
 
 /// The backend for a new flow of `client`: the remembered one when fresh and still in the frontend's
 /// table, else `hashed` (Maglev's pick). Either way the choice is remembered with the current time.
 #[inline(always)]
-pub fn choose(frontend: &ServiceKey, svc: &ServiceValue, client_be: u32, hashed: u32) -> u32 {
+pub fn choose(frontend: &ServiceKey, svc: &ServiceValue, client: &Addr, hashed: u32) -> u32 {
     let key = AffinityKey {
         frontend: *frontend,
-        client_addr_be: client_be,
-        pad: 0,
+        client_addr_be: *client,
     };
     // SAFETY: plain helper call reading the monotonic clock.
     let now = unsafe { bpf_ktime_get_ns() };

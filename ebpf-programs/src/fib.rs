@@ -12,26 +12,46 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
-use crate::packet::ETH_HLEN;
+use weir_common::{Addr, is_v4_mapped};
+
+use crate::packet::{ETH_HLEN, Flow};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const IP_TTL_OFF: usize = ETH_HLEN + 8;
 const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP6_HOP_LIMIT_OFF: usize = ETH_HLEN + 7;
 
-/// Redirects the (already rewritten) IPv4 packet towards `daddr_be` per the node's FIB. Returns the TC
+/// Lookup parameters for a packet from `saddr` to `daddr` (IPv4 ones in their mapped form, which is
+/// how the family is told) entering on the skb's interface.
+#[inline(always)]
+fn params(ctx: &TcContext, saddr: &Addr, daddr: &Addr, proto: u8) -> FibParams {
+    let v6 = !is_v4_mapped(daddr);
+    // SAFETY: FibParams is a plain C struct of integers and unions of integers; all-zero is valid.
+    let mut params: FibParams = unsafe { mem::zeroed() };
+    params.l4_protocol = proto;
+    // SAFETY: ctx.skb.skb is the live __sk_buff this program was called with.
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if v6 {
+        params.family = AF_INET6;
+        params.__bindgen_anon_3.ipv6_src = *saddr;
+        params.__bindgen_anon_4.ipv6_dst = *daddr;
+    } else {
+        params.family = AF_INET;
+        params.__bindgen_anon_3.ipv4_src = saddr[3];
+        params.__bindgen_anon_4.ipv4_dst = daddr[3];
+    }
+    params
+}
+
+/// Redirects the (already rewritten) packet towards `daddr` per the node's FIB. Returns the TC
 /// verdict; anything the FIB cannot answer (a local destination, no route, TTL about to expire) goes to
 /// the stack as `TC_ACT_OK`, which then decides as it always would. Out of line: the lookup parameters
 /// would otherwise sit in every caller's frame.
 #[inline(never)]
-pub fn forward(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> i32 {
-    // SAFETY: FibParams is a plain C struct of integers and unions of integers; all-zero is valid.
-    let mut params: FibParams = unsafe { mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = proto;
-    // SAFETY: ctx.skb.skb is the live __sk_buff this program was called with.
-    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    params.__bindgen_anon_3.ipv4_src = saddr_be;
-    params.__bindgen_anon_4.ipv4_dst = daddr_be;
+pub fn forward(ctx: &TcContext, saddr: &Addr, daddr: &Addr, proto: u8) -> i32 {
+    let v6 = !is_v4_mapped(daddr);
+    let mut params = params(ctx, saddr, daddr, proto);
     // SAFETY: the helper reads and writes only `params`, whose size we pass.
     let ret = unsafe {
         bpf_fib_lookup(
@@ -45,7 +65,12 @@ pub fn forward(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> i32 
     if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
         return TC_ACT_OK;
     }
-    if decrement_ttl(ctx).is_err() {
+    let hop = if v6 {
+        decrement_hop_limit(ctx)
+    } else {
+        decrement_ttl(ctx)
+    };
+    if hop.is_err() {
         return TC_ACT_OK;
     }
     if ret == BPF_FIB_LKUP_RET_NO_NEIGH {
@@ -63,17 +88,11 @@ pub fn forward(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> i32 
     unsafe { bpf_redirect(params.ifindex, 0) as i32 }
 }
 
-/// The interface the FIB would send `daddr_be` out of, or `None` when it cannot say (local, no route).
+/// The interface the FIB would send `flow`'s packets to `daddr` out of, or `None` when it cannot say
+/// (local, no route). Few arguments: a BPF function takes at most five, the return slot included.
 #[inline(never)]
-pub fn egress_ifindex(ctx: &TcContext, saddr_be: u32, daddr_be: u32, proto: u8) -> Option<u32> {
-    // SAFETY: FibParams is a plain C struct of integers and unions of integers; all-zero is valid.
-    let mut params: FibParams = unsafe { mem::zeroed() };
-    params.family = AF_INET;
-    params.l4_protocol = proto;
-    // SAFETY: ctx.skb.skb is the live __sk_buff this program was called with.
-    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    params.__bindgen_anon_3.ipv4_src = saddr_be;
-    params.__bindgen_anon_4.ipv4_dst = daddr_be;
+pub fn egress_ifindex(ctx: &TcContext, flow: &Flow, daddr: &Addr) -> Option<u32> {
+    let mut params = params(ctx, &flow.saddr, daddr, flow.proto);
     // SAFETY: the helper reads and writes only `params`, whose size we pass.
     let ret = unsafe {
         bpf_fib_lookup(
@@ -102,4 +121,14 @@ fn decrement_ttl(ctx: &TcContext) -> Result<(), i64> {
         2,
     )?;
     ctx.store(IP_TTL_OFF, &new[0], 0)
+}
+
+/// IPv6's TTL: no header checksum to update.
+#[inline(always)]
+fn decrement_hop_limit(ctx: &TcContext) -> Result<(), i64> {
+    let hop: u8 = ctx.load(IP6_HOP_LIMIT_OFF)?;
+    if hop <= 1 {
+        return Err(-1);
+    }
+    ctx.store(IP6_HOP_LIMIT_OFF, &(hop - 1), 0)
 }

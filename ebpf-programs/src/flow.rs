@@ -12,9 +12,16 @@ fn fmix64(mut h: u64) -> u64 {
     h
 }
 
+/// An address folded to one word: for IPv4 (mapped) a constant XOR of the address, so it spreads as
+/// well as the address itself.
+#[inline(always)]
+fn fold(a: &[u32; 4]) -> u32 {
+    a[0] ^ a[1] ^ a[2] ^ a[3]
+}
+
 #[inline(always)]
 pub fn hash(flow: &Flow) -> u32 {
-    let addrs = ((flow.saddr_be as u64) << 32) | flow.daddr_be as u64;
+    let addrs = ((fold(&flow.saddr) as u64) << 32) | fold(&flow.daddr) as u64;
     let ports = ((flow.sport_be as u64) << 24) | ((flow.dport_be as u64) << 8) | flow.proto as u64;
     let h = fmix64(fmix64(addrs) ^ ports);
     (h ^ (h >> 32)) as u32

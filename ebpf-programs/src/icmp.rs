@@ -2,10 +2,18 @@
 //! "port unreachable" or "fragmentation needed" quotes the packet as it saw it, addressed to the backend;
 //! the client's kernel only matches the error to its socket if the quote names the frontend it dialled.
 //! This is what makes path-MTU discovery and UDP "connection refused" work through a Service.
-use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
-use weir_common::{CT_REVERSE, CtKey, PROTO_TCP, PROTO_UDP, STAT_ICMP_TRANSLATED};
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
+    programs::TcContext,
+};
+use weir_common::{Addr, CT_REVERSE, CtKey, PROTO_TCP, PROTO_UDP, STAT_ICMP_TRANSLATED, v4_mapped};
 
-use crate::{fib, maps::CONNTRACK, packet::ETH_HLEN, stats::count};
+use crate::{
+    ct, fib,
+    maps::CONNTRACK,
+    packet::{ETH_HLEN, IPV6_HLEN},
+    stats::count,
+};
 
 const PROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -21,10 +29,20 @@ const INNER_L4: usize = INNER + 20;
 /// Outer headers, ICMP header, inner IPv4 header and the 8 quoted L4 bytes.
 const NEEDED: usize = INNER_L4 + 8;
 
-/// `Some(verdict)` when the packet was an ICMP error about one of our flows (translated and sent on),
-/// `None` when it is not ours.
-#[inline(never)]
+/// `Some(verdict)` when the packet was an ICMP or ICMPv6 error about one of our flows (translated and
+/// sent on), `None` when it is not ours.
+#[inline(always)]
 pub fn translate_error(ctx: &TcContext) -> Option<i32> {
+    let eth_proto: [u8; 2] = ctx.load(ETH_HLEN - 2).ok()?;
+    match eth_proto {
+        [0x08, 0x00] => translate_error4(ctx),
+        [0x86, 0xdd] => translate_error6(ctx),
+        _ => None,
+    }
+}
+
+#[inline(never)]
+fn translate_error4(ctx: &TcContext) -> Option<i32> {
     if (ctx.len() as usize) < NEEDED {
         return None;
     }
@@ -85,8 +103,112 @@ pub fn translate_error(ctx: &TcContext) -> Option<i32> {
     } else {
         outer_saddr
     };
-    let verdict = fib::forward(ctx, new_saddr, outer_daddr, PROTO_ICMP);
+    let verdict = fib::forward(
+        ctx,
+        &v4_mapped(new_saddr),
+        &v4_mapped(outer_daddr),
+        PROTO_ICMP,
+    );
     Some(if verdict < 0 { TC_ACT_OK } else { verdict })
+}
+
+const PROTO_ICMPV6: u8 = 58;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const OUTER6_SADDR: usize = ETH_HLEN + 8;
+const ICMP6: usize = ETH_HLEN + IPV6_HLEN;
+const ICMP6_CSUM: usize = ICMP6 + 2;
+const INNER6: usize = ICMP6 + 8;
+const INNER6_DADDR: usize = INNER6 + 24;
+const INNER6_L4: usize = INNER6 + IPV6_HLEN;
+const NEEDED6: usize = INNER6_L4 + 8;
+
+/// ICMPv6 destination unreachable, packet too big (IPv6's only path-MTU signal: routers never
+/// fragment) and time exceeded, quoting an IPv6 TCP/UDP packet without extension headers.
+#[inline(never)]
+fn translate_error6(ctx: &TcContext) -> Option<i32> {
+    if (ctx.len() as usize) < NEEDED6 {
+        return None;
+    }
+    let outer_next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+    let version: u8 = ctx.load(ETH_HLEN).ok()?;
+    let icmp_type: u8 = ctx.load(ICMP6).ok()?;
+    if version >> 4 != 6
+        || outer_next != PROTO_ICMPV6
+        || !matches!(
+            icmp_type,
+            ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED
+        )
+    {
+        return None;
+    }
+    let inner_next: u8 = ctx.load(INNER6 + 6).ok()?;
+    if inner_next != PROTO_TCP && inner_next != PROTO_UDP {
+        return None;
+    }
+    let inner_saddr: Addr = ctx.load(INNER6 + 8).ok()?;
+    let inner_daddr: Addr = ctx.load(INNER6_DADDR).ok()?;
+    let ports: [u16; 2] = ctx.load(INNER6_L4).ok()?;
+    // The quoted packet went client → backend; its reply direction is our reverse entry.
+    let entry = ct::lookup(&ct::Tuple {
+        saddr: inner_daddr,
+        daddr: inner_saddr,
+        sport_be: ports[1],
+        dport_be: ports[0],
+        proto: inner_next,
+        v6: true,
+    })?;
+    if entry.kind != CT_REVERSE {
+        return None;
+    }
+    let outer_saddr: Addr = ctx.load(OUTER6_SADDR).ok()?;
+    let outer_daddr: Addr = ctx.load(ETH_HLEN + 24).ok()?;
+    let from_backend = outer_saddr == inner_daddr;
+    rewrite6(ctx, &inner_daddr, ports[1], &entry, from_backend).ok()?;
+    count(STAT_ICMP_TRANSLATED);
+    let new_saddr = if from_backend {
+        entry.nat_addr
+    } else {
+        outer_saddr
+    };
+    let verdict = fib::forward(ctx, &new_saddr, &outer_daddr, PROTO_ICMPV6);
+    Some(if verdict < 0 { TC_ACT_OK } else { verdict })
+}
+
+/// The quote's destination back to the frontend, and the outer source too when the backend sent the
+/// error; the ICMPv6 checksum covers the quote and (through the pseudo-header) the outer addresses.
+#[inline(always)]
+fn rewrite6(
+    ctx: &TcContext,
+    backend: &Addr,
+    backend_port_be: u16,
+    entry: &ct::Entry,
+    from_backend: bool,
+) -> Result<(), i64> {
+    let frontend = &entry.nat_addr;
+    let mut i = 0;
+    while i < 4 {
+        if backend[i] != frontend[i] {
+            ctx.l4_csum_replace(ICMP6_CSUM, backend[i] as u64, frontend[i] as u64, 4)?;
+            if from_backend {
+                let flags = BPF_F_PSEUDO_HDR as u64 | 4;
+                ctx.l4_csum_replace(ICMP6_CSUM, backend[i] as u64, frontend[i] as u64, flags)?;
+            }
+        }
+        i += 1;
+    }
+    ctx.store(INNER6_DADDR, frontend, 0)?;
+    if from_backend {
+        ctx.store(OUTER6_SADDR, frontend, 0)?;
+    }
+    ctx.store(INNER6_L4 + 2, &entry.nat_port_be, 0)?;
+    ctx.l4_csum_replace(
+        ICMP6_CSUM,
+        backend_port_be as u64,
+        entry.nat_port_be as u64,
+        2,
+    )
 }
 
 /// Inner destination address and port back to the frontend, the inner IPv4 checksum and the ICMP

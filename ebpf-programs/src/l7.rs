@@ -25,12 +25,20 @@ pub fn steer(ctx: &TcContext, flow: &Flow) -> i32 {
     ctx.set_mark(L7_MARK);
     // SAFETY: bpf_sock_tuple is a union of plain integer structs; all-zero is valid.
     let mut tuple: bpf_sock_tuple = unsafe { mem::zeroed() };
-    tuple.__bindgen_anon_1.ipv4.saddr = flow.saddr_be;
-    tuple.__bindgen_anon_1.ipv4.daddr = flow.daddr_be;
-    tuple.__bindgen_anon_1.ipv4.sport = flow.sport_be;
-    tuple.__bindgen_anon_1.ipv4.dport = flow.dport_be;
-    // Only the IPv4 part of the tuple is passed.
-    let tuple_len = 12u32;
+    // The helper tells the families apart by the length passed: 12 bytes IPv4, 36 IPv6.
+    let tuple_len = if flow.v6 {
+        tuple.__bindgen_anon_1.ipv6.saddr = flow.saddr;
+        tuple.__bindgen_anon_1.ipv6.daddr = flow.daddr;
+        tuple.__bindgen_anon_1.ipv6.sport = flow.sport_be;
+        tuple.__bindgen_anon_1.ipv6.dport = flow.dport_be;
+        36u32
+    } else {
+        tuple.__bindgen_anon_1.ipv4.saddr = flow.saddr[3];
+        tuple.__bindgen_anon_1.ipv4.daddr = flow.daddr[3];
+        tuple.__bindgen_anon_1.ipv4.sport = flow.sport_be;
+        tuple.__bindgen_anon_1.ipv4.dport = flow.dport_be;
+        12u32
+    };
     // An established proxied connection: its own socket.
     // SAFETY: the helper reads `tuple_len` bytes of the tuple and returns a referenced socket or null.
     let sk = unsafe {
@@ -52,7 +60,12 @@ pub fn steer(ctx: &TcContext, flow: &Flow) -> i32 {
         unsafe { bpf_sk_release(sk.cast()) };
     }
     // A new connection: the proxy's listener (bound to every address on its port).
-    tuple.__bindgen_anon_1.ipv4.dport = (port as u16).to_be();
+    // dport sits at the same place relative to each family's struct, but not in the union: set it per family.
+    if flow.v6 {
+        tuple.__bindgen_anon_1.ipv6.dport = (port as u16).to_be();
+    } else {
+        tuple.__bindgen_anon_1.ipv4.dport = (port as u16).to_be();
+    }
     // SAFETY: as above.
     let listener = unsafe {
         bpf_skc_lookup_tcp(

@@ -5,6 +5,7 @@
 
 mod affinity;
 mod csum;
+mod ct;
 mod fib;
 mod flow;
 mod icmp;
@@ -24,16 +25,16 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use weir_common::{
-    CT_FORWARD, CT_REVERSE, CtKey, CtValue, HAIRPIN_ADDR, PROTO_TCP, SOURCE_RANGE_FRONTEND_BITS,
-    STAT_DROP_FRAGMENT, STAT_DROP_NO_BACKEND, STAT_DROP_NO_LOCAL_ENDPOINT,
-    STAT_DROP_REWRITE_FAILED, STAT_DROP_SNAT_EXHAUSTED, STAT_DROP_SOURCE_RANGE,
-    STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE, STAT_PASS_UNPARSED,
-    STAT_REVERSE_NAT, STAT_SNAT_NEW, SVC_FLAG_DROP, SVC_FLAG_L7, SVC_FLAG_REJECT,
-    SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey,
+    Addr, CT_FORWARD, CT_REVERSE, HAIRPIN_ADDR, HAIRPIN_ADDR6, PROTO_TCP,
+    SOURCE_RANGE_FRONTEND_BITS, STAT_DROP_FRAGMENT, STAT_DROP_NO_BACKEND,
+    STAT_DROP_NO_LOCAL_ENDPOINT, STAT_DROP_REWRITE_FAILED, STAT_DROP_SNAT_EXHAUSTED,
+    STAT_DROP_SOURCE_RANGE, STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_PASS_NOT_SERVICE,
+    STAT_PASS_UNPARSED, STAT_REVERSE_NAT, STAT_SNAT_NEW, SVC_FLAG_DROP, SVC_FLAG_L7,
+    SVC_FLAG_REJECT, SVC_FLAG_SOURCE_RANGES, ServiceKey, SourceRangeKey, v4_mapped,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, EXT_IFACES, SERVICES, SOURCE_RANGES},
+    maps::{BACKENDS, EXT_IFACES, SERVICES, SOURCE_RANGES},
     packet::Flow,
     stats::{count, count_service},
 };
@@ -55,35 +56,55 @@ pub fn weir_ext_ingress(ctx: TcContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn weir_sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx)
+    sock::translate(&ctx, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn weir_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx)
+    sock::translate(&ctx, false)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn weir_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::restore(&ctx)
+    sock::restore(&ctx, false)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn weir_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::restore(&ctx)
+    sock::restore(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn weir_sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn weir_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn weir_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn weir_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, true)
 }
 
 #[inline(always)]
 fn ingress(ctx: &TcContext, outside: bool) -> Result<i32, ()> {
-    let Some(flow) = packet::parse_ipv4(ctx) else {
+    let Some(flow) = packet::parse(ctx) else {
         if let Some(verdict) = icmp::translate_error(ctx) {
             return Ok(verdict);
         }
         // Fragments to a ClusterIP cannot be balanced (only the first carries ports): drop, counted,
         // rather than let them wander to a node that has no route for a virtual address.
-        if let Some((proto, daddr_be)) = packet::fragment_destination(ctx) {
+        if let Some((proto, daddr)) = packet::fragment_destination(ctx) {
             let any_port = ServiceKey {
-                addr_be: daddr_be,
+                addr_be: daddr,
                 port_be: 0,
                 proto,
                 pad: 0,
@@ -97,18 +118,15 @@ fn ingress(ctx: &TcContext, outside: bool) -> Result<i32, ()> {
         return Ok(TC_ACT_OK);
     };
 
-    let ct_key = CtKey {
-        saddr_be: flow.saddr_be,
-        daddr_be: flow.daddr_be,
+    let key = ct::Tuple {
+        saddr: flow.saddr,
+        daddr: flow.daddr,
         sport_be: flow.sport_be,
         dport_be: flow.dport_be,
         proto: flow.proto,
-        pad: [0; 3],
+        v6: flow.v6,
     };
-    if let Some(entry) = CONNTRACK.get_ptr(ct_key) {
-        // SAFETY: the pointer comes from a successful lookup and CtValue is plain data; a concurrent
-        // update can at worst give a stale copy, which the checks below tolerate.
-        let entry = unsafe { *entry };
+    if let Some(entry) = ct::lookup(&key) {
         if entry.kind == CT_REVERSE {
             return reply(ctx, &flow, &entry);
         }
@@ -119,7 +137,7 @@ fn ingress(ctx: &TcContext, outside: bool) -> Result<i32, ()> {
     }
     // Each path is its own subprogram and rejects are built at this level: the verifier limits the
     // stack of a whole call chain to 512 bytes.
-    match new_flow(ctx, &flow, &ct_key, outside)? {
+    match new_flow(ctx, &flow, &key, outside)? {
         NewFlow::Done(verdict) => Ok(verdict),
         NewFlow::Reject => Ok(reject::reject(ctx, &flow)),
     }
@@ -134,36 +152,36 @@ enum NewFlow {
 /// A backend's reply: source back to the frontend (and destination back to the real client when the
 /// flow was hairpinned or SNATed).
 #[inline(never)]
-fn reply(ctx: &TcContext, flow: &Flow, entry: &CtValue) -> Result<i32, ()> {
+fn reply(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> Result<i32, ()> {
     count(STAT_REVERSE_NAT);
     count_service(
         &ServiceKey {
-            addr_be: entry.nat_addr_be,
+            addr_be: entry.nat_addr,
             port_be: entry.nat_port_be,
             proto: flow.proto,
             pad: 0,
         },
         ctx.len(),
     );
-    let mut daddr = flow.daddr_be;
-    let mut done = nat::snat(ctx, flow, entry.nat_addr_be, entry.nat_port_be);
-    if done.is_ok() && entry.peer_addr_be != 0 {
-        daddr = entry.peer_addr_be;
-        done = nat::dnat(ctx, flow, daddr, entry.peer_port_be);
+    let mut done = nat::snat(ctx, flow, &entry.nat_addr, entry.nat_port_be);
+    let peer = !ct::is_none(&entry.peer_addr);
+    if done.is_ok() && peer {
+        done = nat::dnat(ctx, flow, &entry.peer_addr, entry.peer_port_be);
     }
+    let daddr = if peer { &entry.peer_addr } else { &flow.daddr };
     match done {
-        Ok(()) => Ok(fib::forward(ctx, entry.nat_addr_be, daddr, flow.proto)),
+        Ok(()) => Ok(fib::forward(ctx, &entry.nat_addr, daddr, flow.proto)),
         Err(e) => rewrite_or_drop(Err(e)),
     }
 }
 
 /// A packet of a flow already balanced: to the same backend.
 #[inline(never)]
-fn established(ctx: &TcContext, flow: &Flow, entry: &CtValue) -> Result<i32, ()> {
+fn established(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> Result<i32, ()> {
     count(STAT_FWD_ESTABLISHED);
     count_service(
         &ServiceKey {
-            addr_be: flow.daddr_be,
+            addr_be: flow.daddr,
             port_be: flow.dport_be,
             proto: flow.proto,
             pad: 0,
@@ -175,9 +193,9 @@ fn established(ctx: &TcContext, flow: &Flow, entry: &CtValue) -> Result<i32, ()>
 
 /// A packet that starts a flow: find its frontend, pick a backend, record the flow both ways, translate.
 #[inline(never)]
-fn new_flow(ctx: &TcContext, flow: &Flow, ct_key: &CtKey, outside: bool) -> Result<NewFlow, ()> {
+fn new_flow(ctx: &TcContext, flow: &Flow, key: &ct::Tuple, outside: bool) -> Result<NewFlow, ()> {
     let svc_key = ServiceKey {
-        addr_be: flow.daddr_be,
+        addr_be: flow.daddr,
         port_be: flow.dport_be,
         proto: flow.proto,
         pad: 0,
@@ -206,7 +224,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, ct_key: &CtKey, outside: bool) -> Resu
         count(STAT_DROP_NO_LOCAL_ENDPOINT);
         return Ok(NewFlow::Done(TC_ACT_SHOT));
     }
-    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(&svc_key, flow.saddr_be) {
+    if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(&svc_key, &flow.saddr) {
         count(STAT_DROP_SOURCE_RANGE);
         return Ok(NewFlow::Done(TC_ACT_SHOT));
     }
@@ -219,7 +237,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, ct_key: &CtKey, outside: bool) -> Resu
         return Ok(NewFlow::Done(TC_ACT_SHOT));
     };
     let backend_id = if svc.affinity_timeout_s != 0 {
-        affinity::choose(&svc_key, &svc, flow.saddr_be, hashed)
+        affinity::choose(&svc_key, &svc, &flow.saddr, hashed)
     } else {
         hashed
     };
@@ -227,19 +245,27 @@ fn new_flow(ctx: &TcContext, flow: &Flow, ct_key: &CtKey, outside: bool) -> Resu
         count(STAT_DROP_NO_BACKEND);
         return Ok(NewFlow::Done(TC_ACT_SHOT));
     };
+    // The backend is read through the map's pointer, not copied to the stack: a whole-struct copy
+    // between two stack slots LLVM aligned to 16 bytes crashes the BPF backend ("unsupported memcpy
+    // alignment", llvm/llvm-project#199541).
     // SAFETY: pointer from a successful lookup; Backend is plain data.
-    let backend = unsafe { *backend };
+    let backend = unsafe { &*backend };
 
     // Whose address the backend sees. A pod reaching itself through the Service (hairpin) must see
     // another source, or its reply would never leave it. Outside traffic to a backend on another node
     // must see this node, or the reply would go straight to the client, untranslated.
-    let (peer_addr, peer_port) = if backend.addr_be == flow.saddr_be {
-        (u32::from_ne_bytes(HAIRPIN_ADDR), flow.sport_be)
-    } else if outside && let Some(node_be) = remote_via_ext(ctx, flow, backend.addr_be) {
-        match snat::allocate_port(node_be, &backend, flow) {
+    let (peer_addr, peer_port) = if backend.addr_be == flow.saddr {
+        let hairpin = if flow.v6 {
+            HAIRPIN_ADDR6
+        } else {
+            v4_mapped(u32::from_ne_bytes(HAIRPIN_ADDR))
+        };
+        (hairpin, flow.sport_be)
+    } else if outside && let Some(node) = remote_via_ext(ctx, flow, &backend.addr_be) {
+        match snat::allocate_port(&node, backend, flow) {
             Some(port) => {
                 count(STAT_SNAT_NEW);
-                (node_be, port)
+                (node, port)
             }
             None => {
                 count(STAT_DROP_SNAT_EXHAUSTED);
@@ -247,80 +273,76 @@ fn new_flow(ctx: &TcContext, flow: &Flow, ct_key: &CtKey, outside: bool) -> Resu
             }
         }
     } else {
-        (0, 0)
+        ([0; 4], 0)
     };
-    let forward = CtValue {
-        nat_addr_be: backend.addr_be,
+    let peer = !ct::is_none(&peer_addr);
+    let forward = ct::Entry {
+        nat_addr: backend.addr_be,
         nat_port_be: backend.port_be,
         kind: CT_FORWARD,
-        pad: 0,
         backend_id,
-        peer_addr_be: peer_addr,
+        peer_addr,
         peer_port_be: peer_port,
-        pad2: [0; 6],
     };
-    let reverse_key = CtKey {
-        saddr_be: backend.addr_be,
-        daddr_be: if peer_addr != 0 {
-            peer_addr
-        } else {
-            flow.saddr_be
-        },
+    let reverse_key = ct::Tuple {
+        saddr: backend.addr_be,
+        daddr: if peer { peer_addr } else { flow.saddr },
         sport_be: backend.port_be,
-        dport_be: if peer_addr != 0 {
-            peer_port
-        } else {
-            flow.sport_be
-        },
+        dport_be: if peer { peer_port } else { flow.sport_be },
         proto: flow.proto,
-        pad: [0; 3],
+        v6: flow.v6,
     };
-    let reverse = CtValue {
-        nat_addr_be: flow.daddr_be,
+    let reverse = ct::Entry {
+        nat_addr: flow.daddr,
         nat_port_be: flow.dport_be,
         kind: CT_REVERSE,
-        pad: 0,
         backend_id,
-        peer_addr_be: if peer_addr != 0 { flow.saddr_be } else { 0 },
-        peer_port_be: if peer_addr != 0 { flow.sport_be } else { 0 },
-        pad2: [0; 6],
+        peer_addr: if peer { flow.saddr } else { [0; 4] },
+        peer_port_be: if peer { flow.sport_be } else { 0 },
     };
-    // An LRU insert only fails on allocation failure; the packet is still translated, and the next
-    // packet of the flow picks the same backend from the same Maglev table.
-    let _ = CONNTRACK.insert(reverse_key, reverse, 0);
-    let _ = CONNTRACK.insert(*ct_key, forward, 0);
+    ct::insert(&reverse_key, &reverse);
+    ct::insert(key, &forward);
     count(STAT_FWD_NEW);
     count_service(&svc_key, ctx.len());
     forward_to_backend(ctx, flow, &forward).map(NewFlow::Done)
 }
 
 /// When the backend is reached through an external interface (it lives on another node), this node's
-/// address on the interface the request came in on, to SNAT to.
+/// address (of the flow's family) on the interface the request came in on, to SNAT to.
 #[inline(always)]
-fn remote_via_ext(ctx: &TcContext, flow: &Flow, backend_be: u32) -> Option<u32> {
-    let egress = fib::egress_ifindex(ctx, flow.saddr_be, backend_be, flow.proto)?;
+fn remote_via_ext(ctx: &TcContext, flow: &Flow, backend: &Addr) -> Option<Addr> {
+    let egress = fib::egress_ifindex(ctx, flow, backend)?;
     EXT_IFACES.get_ptr(egress)?;
     // SAFETY: ctx.skb.skb is the live __sk_buff this program was called with.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: pointer from a successful lookup of a u32.
-    EXT_IFACES.get_ptr(ingress).map(|a| unsafe { *a })
+    // SAFETY: pointer from a successful lookup; ExtIface is plain data.
+    let addrs = unsafe { *EXT_IFACES.get_ptr(ingress)? };
+    let node = if flow.v6 {
+        addrs.addr6_be
+    } else if addrs.addr4_be != 0 {
+        v4_mapped(addrs.addr4_be)
+    } else {
+        [0; 4]
+    };
+    // No address of this family on the interface: nothing to SNAT to.
+    (!ct::is_none(&node)).then_some(node)
 }
 
 /// DNAT to the entry's backend; with a peer (hairpin, SNAT) also rewrite the source and send the packet
 /// on with a FIB redirect (the node's routes would otherwise see a hairpin leave where it came in, and
 /// a node address as source is a martian to its input path).
 #[inline(always)]
-fn forward_to_backend(ctx: &TcContext, flow: &Flow, entry: &CtValue) -> Result<i32, ()> {
-    let done = nat::dnat(ctx, flow, entry.nat_addr_be, entry.nat_port_be);
-    if entry.peer_addr_be == 0 {
+fn forward_to_backend(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> Result<i32, ()> {
+    let done = nat::dnat(ctx, flow, &entry.nat_addr, entry.nat_port_be);
+    if ct::is_none(&entry.peer_addr) {
         return rewrite_or_drop(done);
     }
-    let done = done.and_then(|()| nat::snat(ctx, flow, entry.peer_addr_be, entry.peer_port_be));
+    let done = done.and_then(|()| nat::snat(ctx, flow, &entry.peer_addr, entry.peer_port_be));
     match done {
         Ok(()) => Ok(fib::forward(
             ctx,
-            entry.peer_addr_be,
-            entry.nat_addr_be,
+            &entry.peer_addr,
+            &entry.nat_addr,
             flow.proto,
         )),
         Err(e) => rewrite_or_drop(Err(e)),
@@ -328,24 +350,24 @@ fn forward_to_backend(ctx: &TcContext, flow: &Flow, entry: &CtValue) -> Result<i
 }
 
 /// `loadBalancerSourceRanges`: is `client` inside one of the frontend's allowed prefixes?
-fn source_allowed(frontend: &ServiceKey, client_be: u32) -> bool {
+fn source_allowed(frontend: &ServiceKey, client: &Addr) -> bool {
     let key = Key::new(
-        SOURCE_RANGE_FRONTEND_BITS + 32,
+        SOURCE_RANGE_FRONTEND_BITS + 128,
         SourceRangeKey {
             frontend: *frontend,
-            addr_be: client_be,
+            addr_be: *client,
         },
     );
     SOURCE_RANGES.get(&key).is_some()
 }
 
 /// A forward entry may outlive its backend (removed from the Service); its id may even have been reused.
-fn backend_still_valid(entry: &CtValue) -> bool {
+fn backend_still_valid(entry: &ct::Entry) -> bool {
     match BACKENDS.get_ptr(entry.backend_id) {
         // SAFETY: pointer from a successful lookup; Backend is plain data.
         Some(b) => {
             let b = unsafe { *b };
-            b.addr_be == entry.nat_addr_be && b.port_be == entry.nat_port_be
+            b.addr_be == entry.nat_addr && b.port_be == entry.nat_port_be
         }
         None => false,
     }

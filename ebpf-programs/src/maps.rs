@@ -5,11 +5,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use weir_common::{
-    AffinityKey, AffinityValue, Backend, CONFIG_SLOTS, CtKey, CtValue, DEFAULT_AFFINITY_MAX,
-    DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_MAGLEV_CHUNKS, DEFAULT_SERVICES_MAX,
-    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOURCE_RANGES_MAX, MAGLEV_ARENA_FLAGS, MemberKey, STAT_SLOTS,
-    ServiceCounters, ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey,
-    TABLE_CHUNK_SLOTS, TableChunk,
+    AffinityKey, AffinityValue, Backend, CONFIG_SLOTS, CtKey, CtKey6, CtValue, CtValue6,
+    DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_MAGLEV_CHUNKS,
+    DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOURCE_RANGES_MAX, ExtIface,
+    MAGLEV_ARENA_FLAGS, MemberKey, STAT_SLOTS, ServiceCounters, ServiceKey, ServiceValue,
+    SockRevKey, SockRevValue, SourceRangeKey, TABLE_CHUNK_SLOTS, TableChunk,
 };
 
 #[map(name = "WEIR_SERVICES")]
@@ -38,6 +38,9 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_BACKENDS_MA
 #[map(name = "WEIR_CT")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CONNTRACK_MAX, 0);
 
+#[map(name = "WEIR_CT6")]
+pub static CONNTRACK6: LruHashMap<CtKey6, CtValue6> = LruHashMap::pinned(DEFAULT_CONNTRACK_MAX, 0);
+
 #[map(name = "WEIR_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_SLOTS, 0);
 
@@ -56,7 +59,7 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "WEIR_MEMBERS")]
 pub static MEMBERS: HashMap<MemberKey, u32> = HashMap::pinned(DEFAULT_BACKENDS_MAX * 4, 0);
 
-pub const SCRATCH_LEN: usize = 160;
+pub const SCRATCH_LEN: usize = 256;
 
 /// Per-CPU working memory for building reply packets (not pinned: it holds nothing between packets).
 #[map(name = "WEIR_SCRATCH")]
@@ -70,7 +73,7 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> =
 
 /// Written by the agent when it attaches to an external interface; a handful of entries.
 #[map(name = "WEIR_EXT_IFACES")]
-pub static EXT_IFACES: HashMap<u32, u32> = HashMap::pinned(64, 0);
+pub static EXT_IFACES: HashMap<u32, ExtIface> = HashMap::pinned(64, 0);
 
 #[map(name = "WEIR_SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =

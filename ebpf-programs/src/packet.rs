@@ -1,23 +1,29 @@
 //! Header parsing: direct packet access for fixed offsets, each preceded by a bounds check against
 //! `data_end`; bounds-checked helper loads for the variable-offset L4 header.
 use aya_ebpf::programs::TcContext;
-use weir_common::{PROTO_TCP, PROTO_UDP};
+use weir_common::{Addr, PROTO_TCP, PROTO_UDP, v4_mapped};
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_MIN_HLEN: usize = 20;
+pub const IPV6_HLEN: usize = 40;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 /// More-fragments flag and fragment offset: any of them set means this is a fragment.
 const IP_FRAG_MASK: u16 = 0x3fff;
+/// IPv6 next-header value of the fragment extension header.
+const IPV6_FRAGMENT: u8 = 44;
 
 /// The L3/L4 facts the datapath needs, copied out of the packet so later helper calls (which invalidate
-/// packet pointers) cannot leave us reading stale memory.
+/// packet pointers) cannot leave us reading stale memory. Addresses are in the maps' form (IPv4 as
+/// IPv4-mapped), so lookups need no per-family code.
 pub struct Flow {
-    pub saddr_be: u32,
-    pub daddr_be: u32,
+    pub saddr: Addr,
+    pub daddr: Addr,
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    /// IPv4 header length in bytes (20..=60).
+    pub v6: bool,
+    /// IP header length in bytes (IPv4: 20..=60, IPv6: 40).
     pub ihl: usize,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
@@ -31,15 +37,19 @@ unsafe fn read<T: Copy>(ctx: &TcContext, offset: usize) -> T {
     unsafe { core::ptr::read_unaligned((ctx.data() + offset) as *const T) }
 }
 
-/// Parses Ethernet + IPv4 + TCP/UDP. Returns `None` for anything that is not a complete, unfragmented
-/// IPv4 TCP or UDP packet: those pass untouched.
+/// Parses Ethernet + IPv4 or IPv6 + TCP/UDP. Returns `None` for anything that is not a complete,
+/// unfragmented IPv4 or IPv6 TCP or UDP packet (IPv6 with extension headers included): those pass
+/// untouched.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Option<Flow> {
+pub fn parse(ctx: &TcContext) -> Option<Flow> {
     if ctx.data() + ETH_HLEN + IPV4_MIN_HLEN > ctx.data_end() {
         return None;
     }
     // SAFETY: bytes [0, ETH_HLEN + 20) were bounds-checked just above.
     let eth_proto: u16 = unsafe { read(ctx, 12) };
+    if eth_proto == ETH_P_IPV6_BE {
+        return parse_ipv6(ctx);
+    }
     if eth_proto != ETH_P_IP_BE {
         return None;
     }
@@ -75,12 +85,55 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Flow> {
     }
     let ports: [u16; 2] = ctx.load(l4_off).ok()?;
     Some(Flow {
-        saddr_be,
-        daddr_be,
+        saddr: v4_mapped(saddr_be),
+        daddr: v4_mapped(daddr_be),
         sport_be: ports[0],
         dport_be: ports[1],
         proto,
+        v6: false,
         ihl,
+        l4_off,
+    })
+}
+
+/// IPv6 whose next header is TCP or UDP. Extension headers are not walked: they are rare on pod
+/// traffic, and a packet carrying them passes untouched (fragments to a frontend are caught by
+/// `fragment_destination`).
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext) -> Option<Flow> {
+    let l4_off = ETH_HLEN + IPV6_HLEN;
+    if ctx.data() + l4_off > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: the whole IPv6 header was bounds-checked just above.
+    let (version, next, saddr, daddr) = unsafe {
+        (
+            read::<u8>(ctx, ETH_HLEN) >> 4,
+            read::<u8>(ctx, ETH_HLEN + 6),
+            read::<Addr>(ctx, ETH_HLEN + 8),
+            read::<Addr>(ctx, ETH_HLEN + 24),
+        )
+    };
+    if version != 6 {
+        return None;
+    }
+    let l4_min = match next {
+        PROTO_TCP => 20,
+        PROTO_UDP => 8,
+        _ => return None,
+    };
+    if (ctx.len() as usize) < l4_off + l4_min {
+        return None;
+    }
+    let ports: [u16; 2] = ctx.load(l4_off).ok()?;
+    Some(Flow {
+        saddr,
+        daddr,
+        sport_be: ports[0],
+        dport_be: ports[1],
+        proto: next,
+        v6: true,
+        ihl: IPV6_HLEN,
         l4_off,
     })
 }
@@ -89,7 +142,22 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Flow> {
 /// after the first carry no ports, so no fragment can be balanced; the caller decides whether it is
 /// addressed to a frontend.
 #[inline(always)]
-pub fn fragment_destination(ctx: &TcContext) -> Option<(u8, u32)> {
+pub fn fragment_destination(ctx: &TcContext) -> Option<(u8, Addr)> {
+    if ctx.data() + ETH_HLEN + IPV6_HLEN + 8 <= ctx.data_end() {
+        // SAFETY: bytes [0, ETH_HLEN + 48) were bounds-checked just above.
+        let (eth_proto, next, inner_next, daddr) = unsafe {
+            (
+                read::<u16>(ctx, 12),
+                read::<u8>(ctx, ETH_HLEN + 6),
+                read::<u8>(ctx, ETH_HLEN + IPV6_HLEN),
+                read::<Addr>(ctx, ETH_HLEN + 24),
+            )
+        };
+        if eth_proto == ETH_P_IPV6_BE {
+            let l4 = inner_next == PROTO_TCP || inner_next == PROTO_UDP;
+            return (next == IPV6_FRAGMENT && l4).then_some((inner_next, daddr));
+        }
+    }
     if ctx.data() + ETH_HLEN + IPV4_MIN_HLEN > ctx.data_end() {
         return None;
     }
@@ -105,7 +173,7 @@ pub fn fragment_destination(ctx: &TcContext) -> Option<(u8, u32)> {
     };
     let is_fragment =
         eth_proto == ETH_P_IP_BE && version_ihl >> 4 == 4 && u16::from_be(frag) & IP_FRAG_MASK != 0;
-    (is_fragment && (proto == PROTO_TCP || proto == PROTO_UDP)).then_some((proto, daddr))
+    (is_fragment && (proto == PROTO_TCP || proto == PROTO_UDP)).then_some((proto, v4_mapped(daddr)))
 }
 
 /// Offset of the L4 checksum field.

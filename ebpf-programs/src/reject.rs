@@ -13,16 +13,16 @@ use weir_common::{
 use crate::{
     csum,
     maps::{SCRATCH, SCRATCH_LEN},
-    packet::{ETH_HLEN, Flow, IPV4_MIN_HLEN},
+    packet::{ETH_HLEN, Flow, IPV4_MIN_HLEN, IPV6_HLEN},
     stats::count,
 };
 
 /// Where the original headers are copied in the scratch buffer, and where the reply is built: the
 /// program's stack (512 bytes, shared along the call chain) has no room for both.
 const IN_OFF: usize = 0;
-const OUT_OFF: usize = 64;
-const _: () = assert!(IN_OFF + RST_LEN <= OUT_OFF && IN_OFF + ORIG_UDP_LEN <= OUT_OFF);
-const _: () = assert!(OUT_OFF + RST_LEN <= SCRATCH_LEN && OUT_OFF + ICMP_LEN <= SCRATCH_LEN);
+const OUT_OFF: usize = 128;
+const _: () = assert!(IN_OFF + RST6_LEN <= OUT_OFF && IN_OFF + ORIG_UDP6_LEN <= OUT_OFF);
+const _: () = assert!(OUT_OFF + RST6_LEN <= SCRATCH_LEN && OUT_OFF + ICMP6_LEN <= SCRATCH_LEN);
 
 /// The per-CPU scratch buffer, with the first `len` bytes of the packet copied to `IN_OFF` and the
 /// reply area zeroed.
@@ -58,6 +58,12 @@ const RST_LEN: usize = ETH_HLEN + 20 + 20;
 /// Ethernet + IPv4 + ICMP header + the offending IPv4 header + its first 8 bytes (RFC 792).
 const ICMP_LEN: usize = ETH_HLEN + 20 + 8 + 20 + 8;
 const ORIG_UDP_LEN: usize = ETH_HLEN + 20 + 8;
+const RST6_LEN: usize = ETH_HLEN + IPV6_HLEN + 20;
+/// Ethernet + IPv6 + ICMPv6 header + the offending IPv6 header and its first 8 bytes (RFC 4443 asks
+/// for as much as fits in the minimum MTU; the headers are what the client's stack needs).
+const ICMP6_LEN: usize = ETH_HLEN + IPV6_HLEN + 8 + IPV6_HLEN + 8;
+const ORIG_UDP6_LEN: usize = ETH_HLEN + IPV6_HLEN + 8;
+const PROTO_ICMPV6: u8 = 58;
 
 /// Out of line: the reply buffers would otherwise share the main program's 512-byte stack.
 #[inline(never)]
@@ -67,10 +73,11 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
         count(STAT_DROP_REJECT_FAILED);
         return TC_ACT_SHOT;
     }
-    let built = if flow.proto == PROTO_TCP {
-        tcp_rst(ctx).map(|sent| (sent, STAT_REJECT_TCP))
-    } else {
-        icmp_port_unreachable(ctx).map(|sent| (sent, STAT_REJECT_UDP))
+    let built = match (flow.proto == PROTO_TCP, flow.v6) {
+        (true, false) => tcp_rst::<false>(ctx).map(|sent| (sent, STAT_REJECT_TCP)),
+        (true, true) => tcp_rst::<true>(ctx).map(|sent| (sent, STAT_REJECT_TCP)),
+        (false, false) => icmp_port_unreachable(ctx).map(|sent| (sent, STAT_REJECT_UDP)),
+        (false, true) => icmp6_port_unreachable(ctx).map(|sent| (sent, STAT_REJECT_UDP)),
     };
     match built {
         Ok((true, stat)) => {
@@ -92,23 +99,30 @@ pub fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
     }
 }
 
-/// Returns Ok(false) when the packet must be dropped silently (it is itself a RST).
+/// Returns Ok(false) when the packet must be dropped silently (it is itself a RST). `V6` is a const
+/// parameter so every offset stays a constant the verifier can check.
 #[inline(never)]
-fn tcp_rst(ctx: &TcContext) -> Result<bool, i64> {
-    let buf = scratch_with_headers(ctx, RST_LEN)?;
+fn tcp_rst<const V6: bool>(ctx: &TcContext) -> Result<bool, i64> {
+    let iph = if V6 { IPV6_HLEN } else { IPV4_MIN_HLEN };
+    let len = ETH_HLEN + iph + 20;
+    let buf = scratch_with_headers(ctx, len)?;
     let (inp, out) = buf.split_at_mut(OUT_OFF);
-    let inp = &inp[IN_OFF..IN_OFF + RST_LEN];
-    let out = &mut out[..RST_LEN];
-    let l4 = ETH_HLEN + 20;
+    let inp = &inp[IN_OFF..IN_OFF + len];
+    let out = &mut out[..len];
+    let l4 = ETH_HLEN + iph;
     let in_flags = inp[l4 + 13];
     if in_flags & TCP_RST != 0 {
         return Ok(false);
     }
-    let tot_len = u16::from_be_bytes([inp[ETH_HLEN + 2], inp[ETH_HLEN + 3]]) as u32;
+    let payload = if V6 {
+        u16::from_be_bytes([inp[ETH_HLEN + 4], inp[ETH_HLEN + 5]]) as u32
+    } else {
+        (u16::from_be_bytes([inp[ETH_HLEN + 2], inp[ETH_HLEN + 3]]) as u32).saturating_sub(20)
+    };
     let doff = ((inp[l4 + 12] >> 4) as u32) * 4;
     let in_seq = u32::from_be_bytes([inp[l4 + 4], inp[l4 + 5], inp[l4 + 6], inp[l4 + 7]]);
     let in_ack = [inp[l4 + 8], inp[l4 + 9], inp[l4 + 10], inp[l4 + 11]];
-    let mut seg_len = tot_len.saturating_sub(20 + doff);
+    let mut seg_len = payload.saturating_sub(doff);
     if in_flags & TCP_SYN != 0 {
         seg_len += 1;
     }
@@ -116,8 +130,12 @@ fn tcp_rst(ctx: &TcContext) -> Result<bool, i64> {
         seg_len += 1;
     }
 
-    swap_ethernet(inp, out);
-    ip_header(inp, out, 40, PROTO_TCP);
+    swap_ethernet(inp, out, V6);
+    if V6 {
+        ip6_header(inp, out, 20, PROTO_TCP);
+    } else {
+        ip_header(inp, out, 40, PROTO_TCP);
+    }
     // Ports swapped.
     out[l4] = inp[l4 + 2];
     out[l4 + 1] = inp[l4 + 3];
@@ -140,14 +158,24 @@ fn tcp_rst(ctx: &TcContext) -> Result<bool, i64> {
     }
     out[l4 + 12] = 5 << 4;
     // Pseudo header: addresses, protocol, TCP length.
-    let pseudo = csum::sum(&out[ETH_HLEN + 12..ETH_HLEN + 20], PROTO_TCP as u32 + 20);
-    let c = csum::finish(csum::sum(&out[l4..RST_LEN], pseudo));
+    let addrs = if V6 {
+        &out[ETH_HLEN + 8..ETH_HLEN + 40]
+    } else {
+        &out[ETH_HLEN + 12..ETH_HLEN + 20]
+    };
+    let pseudo = csum::sum(addrs, PROTO_TCP as u32 + 20);
+    let c = csum::finish(csum::sum(&out[l4..len], pseudo));
     out[l4 + 16] = c[0];
     out[l4 + 17] = c[1];
 
-    resize(ctx, RST_LEN)?;
-    let out: &[u8; RST_LEN] = (&*out).try_into().map_err(|_| -1i64)?;
-    ctx.store(0, out, 0)?;
+    resize(ctx, len)?;
+    if V6 {
+        let out: &[u8; RST6_LEN] = (&*out).try_into().map_err(|_| -1i64)?;
+        ctx.store(0, out, 0)?;
+    } else {
+        let out: &[u8; RST_LEN] = (&*out).try_into().map_err(|_| -1i64)?;
+        ctx.store(0, out, 0)?;
+    }
     Ok(true)
 }
 
@@ -157,7 +185,7 @@ fn icmp_port_unreachable(ctx: &TcContext) -> Result<bool, i64> {
     let (inp, out) = buf.split_at_mut(OUT_OFF);
     let inp = &inp[IN_OFF..IN_OFF + ORIG_UDP_LEN];
     let out = &mut out[..ICMP_LEN];
-    swap_ethernet(inp, out);
+    swap_ethernet(inp, out, false);
     ip_header(inp, out, (ICMP_LEN - ETH_HLEN) as u16, 1);
     let icmp = ETH_HLEN + 20;
     out[icmp] = 3; // destination unreachable
@@ -177,16 +205,72 @@ fn icmp_port_unreachable(ctx: &TcContext) -> Result<bool, i64> {
     Ok(true)
 }
 
+/// ICMPv6 destination unreachable, code 4 (port unreachable), quoting the UDP packet's headers.
+#[inline(never)]
+fn icmp6_port_unreachable(ctx: &TcContext) -> Result<bool, i64> {
+    let buf = scratch_with_headers(ctx, ORIG_UDP6_LEN)?;
+    let (inp, out) = buf.split_at_mut(OUT_OFF);
+    let inp = &inp[IN_OFF..IN_OFF + ORIG_UDP6_LEN];
+    let out = &mut out[..ICMP6_LEN];
+    swap_ethernet(inp, out, true);
+    let payload = (ICMP6_LEN - ETH_HLEN - IPV6_HLEN) as u16;
+    ip6_header(inp, out, payload, PROTO_ICMPV6);
+    let icmp = ETH_HLEN + IPV6_HLEN;
+    out[icmp] = 1; // destination unreachable
+    out[icmp + 1] = 4; // port unreachable
+    let mut i = 0;
+    while i < ORIG_UDP6_LEN - ETH_HLEN {
+        out[icmp + 8 + i] = inp[ETH_HLEN + i];
+        i += 1;
+    }
+    // ICMPv6 checksums the pseudo-header too: addresses, upper-layer length, next header.
+    let pseudo = csum::sum(
+        &out[ETH_HLEN + 8..ETH_HLEN + 40],
+        payload as u32 + PROTO_ICMPV6 as u32,
+    );
+    let c = csum::finish(csum::sum(&out[icmp..ICMP6_LEN], pseudo));
+    out[icmp + 2] = c[0];
+    out[icmp + 3] = c[1];
+
+    resize(ctx, ICMP6_LEN)?;
+    let out: &[u8; ICMP6_LEN] = (&*out).try_into().map_err(|_| -1i64)?;
+    ctx.store(0, out, 0)?;
+    Ok(true)
+}
+
 #[inline(always)]
-fn swap_ethernet(inp: &[u8], out: &mut [u8]) {
+fn swap_ethernet(inp: &[u8], out: &mut [u8], v6: bool) {
     let mut i = 0;
     while i < 6 {
         out[i] = inp[6 + i];
         out[6 + i] = inp[i];
         i += 1;
     }
-    out[12] = 0x08;
-    out[13] = 0x00;
+    if v6 {
+        out[12] = 0x86;
+        out[13] = 0xdd;
+    } else {
+        out[12] = 0x08;
+        out[13] = 0x00;
+    }
+}
+
+/// A fresh IPv6 header from the frontend (original destination) back to the client.
+#[inline(always)]
+fn ip6_header(inp: &[u8], out: &mut [u8], payload_len: u16, next: u8) {
+    let ip = ETH_HLEN;
+    out[ip] = 0x60;
+    let len = payload_len.to_be_bytes();
+    out[ip + 4] = len[0];
+    out[ip + 5] = len[1];
+    out[ip + 6] = next;
+    out[ip + 7] = 64;
+    let mut i = 0;
+    while i < 16 {
+        out[ip + 8 + i] = inp[ip + 24 + i];
+        out[ip + 24 + i] = inp[ip + 8 + i];
+        i += 1;
+    }
 }
 
 /// A fresh IPv4 header from the frontend (original destination) back to the client.

@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use weir_common::{
-    CONFIG_NETNS_COOKIE, PROTO_TCP, PROTO_UDP, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey,
-    SockRevKey, SockRevValue,
+    Addr, CONFIG_NETNS_COOKIE, PROTO_TCP, PROTO_UDP, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey,
+    SockRevKey, SockRevValue, is_v4_mapped, v4_mapped,
 };
 
 use crate::maps::{self, BACKENDS, CONFIG, SERVICES, SOCK_REVNAT};
@@ -28,9 +28,29 @@ fn ours(ctx: &SockAddrContext) -> bool {
         .is_some_and(|c| *c != 0 && *c == cookie)
 }
 
-/// connect4 / sendmsg4: a frontend destination becomes a Maglev-chosen backend.
+/// The address the call names, in the maps' form. A dual-stack IPv6 socket addressing an IPv4 frontend
+/// names it IPv4-mapped, which is already that form.
 #[inline(always)]
-pub fn translate(ctx: &SockAddrContext) -> i32 {
+fn user_addr(sa: &aya_ebpf::bindings::bpf_sock_addr, v6: bool) -> Addr {
+    if v6 {
+        sa.user_ip6
+    } else {
+        v4_mapped(sa.user_ip4)
+    }
+}
+
+#[inline(always)]
+fn set_user_addr(sa: &mut aya_ebpf::bindings::bpf_sock_addr, v6: bool, addr: &Addr) {
+    if v6 {
+        sa.user_ip6 = *addr;
+    } else {
+        sa.user_ip4 = addr[3];
+    }
+}
+
+/// connect4/6 / sendmsg4/6: a frontend destination becomes a Maglev-chosen backend.
+#[inline(always)]
+pub fn translate(ctx: &SockAddrContext, v6: bool) -> i32 {
     if !ours(ctx) {
         return ALLOW;
     }
@@ -41,7 +61,7 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
         return ALLOW;
     }
     let key = ServiceKey {
-        addr_be: sa.user_ip4,
+        addr_be: user_addr(sa, v6),
         port_be: sa.user_port as u16,
         proto,
         pad: 0,
@@ -69,11 +89,16 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     };
     // SAFETY: pointer from a successful lookup; Backend is plain data.
     let backend = unsafe { *backend };
+    // An IPv4 socket can only be sent to an IPv4 backend (a frontend's backends share its family).
+    if !v6 && !is_v4_mapped(&backend.addr_be) {
+        return ALLOW;
+    }
     let rev_key = SockRevKey {
         cookie,
         backend_addr_be: backend.addr_be,
         backend_port_be: backend.port_be,
         pad: 0,
+        pad2: 0,
     };
     let rev = SockRevValue {
         frontend_addr_be: key.addr_be,
@@ -84,14 +109,14 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
         // Without the reverse entry replies would show the backend's address: leave this one alone.
         return ALLOW;
     }
-    sa.user_ip4 = backend.addr_be;
+    set_user_addr(sa, v6, &backend.addr_be);
     sa.user_port = u32::from(backend.port_be);
     ALLOW
 }
 
-/// recvmsg4 / getpeername4: the backend's address shown as the frontend the socket addressed.
+/// recvmsg4/6 / getpeername4/6: the backend's address shown as the frontend the socket addressed.
 #[inline(always)]
-pub fn restore(ctx: &SockAddrContext) -> i32 {
+pub fn restore(ctx: &SockAddrContext, v6: bool) -> i32 {
     if !ours(ctx) {
         return ALLOW;
     }
@@ -101,14 +126,15 @@ pub fn restore(ctx: &SockAddrContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockRevKey {
         cookie,
-        backend_addr_be: sa.user_ip4,
+        backend_addr_be: user_addr(sa, v6),
         backend_port_be: sa.user_port as u16,
         pad: 0,
+        pad2: 0,
     };
     if let Some(rev) = SOCK_REVNAT.get_ptr(key) {
         // SAFETY: pointer from a successful lookup; SockRevValue is plain data.
         let rev = unsafe { *rev };
-        sa.user_ip4 = rev.frontend_addr_be;
+        set_user_addr(sa, v6, &rev.frontend_addr_be);
         sa.user_port = u32::from(rev.frontend_port_be);
     }
     ALLOW

@@ -3,7 +3,7 @@
 //! request.
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
 };
 
@@ -87,7 +87,7 @@ impl ServiceDirectory {
                 let mut endpoints = Vec::new();
                 for ip in &svc.cluster_ips {
                     dir.insert_frontend(
-                        SocketAddr::new(IpAddr::V4(*ip), port.port),
+                        SocketAddr::new(*ip, port.port),
                         svc.id.clone(),
                         port.port,
                         port.name.clone(),
@@ -102,7 +102,7 @@ impl ServiceDirectory {
                             state
                                 .backends
                                 .iter()
-                                .map(|b| SocketAddr::new(IpAddr::V4(b.ip), b.port)),
+                                .map(|b| SocketAddr::new(b.ip, b.port)),
                         );
                     }
                 }

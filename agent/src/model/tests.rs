@@ -55,7 +55,7 @@ fn service_and_slice_yield_one_frontend_per_port_with_ready_backends() {
     let d = desired([&svc], [&sl], &NodeContext::default());
     assert_eq!(served(&d), 2);
     let http = &d.frontends[&Frontend {
-        ip: Ipv4Addr::new(10, 96, 0, 10),
+        ip: Ipv4Addr::new(10, 96, 0, 10).into(),
         port: 80,
         protocol: Protocol::Tcp,
     }];
@@ -63,7 +63,7 @@ fn service_and_slice_yield_one_frontend_per_port_with_ready_backends() {
     // A nil `ready` counts as ready; ready: false is left out.
     assert_eq!(ips, ["10.0.0.1:8080/TCP", "10.0.0.2:8080/TCP"]);
     let dns = &d.frontends[&Frontend {
-        ip: Ipv4Addr::new(10, 96, 0, 10),
+        ip: Ipv4Addr::new(10, 96, 0, 10).into(),
         port: 53,
         protocol: Protocol::Udp,
     }];
@@ -254,7 +254,7 @@ fn node_ports_answer_on_every_node_ip_and_external_ips_on_the_service_port() {
         .expect("valid")
         .expect("ours");
     let node = NodeContext {
-        ips: vec![Ipv4Addr::new(172, 30, 0, 1), Ipv4Addr::new(172, 31, 0, 1)],
+        ips: vec![Ipv4Addr::new(172, 30, 0, 1).into(), Ipv4Addr::new(172, 31, 0, 1).into()],
         ..NodeContext::default()
     };
     let d = desired([&spec], [&sl], &node);
@@ -275,7 +275,7 @@ fn node_ports_answer_on_every_node_ip_and_external_ips_on_the_service_port() {
         ]
     );
     let http = &d.frontends[&Frontend {
-        ip: Ipv4Addr::new(172, 30, 0, 1),
+        ip: Ipv4Addr::new(172, 30, 0, 1).into(),
         port: 30080,
         protocol: Protocol::Tcp,
     }];
@@ -340,7 +340,7 @@ fn http_backends(
 
 fn cluster_http() -> Frontend {
     Frontend {
-        ip: Ipv4Addr::new(10, 96, 0, 10),
+        ip: Ipv4Addr::new(10, 96, 0, 10).into(),
         port: 80,
         protocol: Protocol::Tcp,
     }
@@ -348,7 +348,7 @@ fn cluster_http() -> Frontend {
 
 fn node(name: &str, zone: Option<&str>) -> NodeContext {
     NodeContext {
-        ips: vec![Ipv4Addr::new(172, 30, 0, 1)],
+        ips: vec![Ipv4Addr::new(172, 30, 0, 1).into()],
         name: name.into(),
         zone: zone.map(Into::into),
         service_proxy_name: None,
@@ -404,7 +404,7 @@ fn external_traffic_policy_local_governs_node_ports_but_not_the_cluster_ip() {
         )
         .replace("targetPort: 8080}", "targetPort: 8080, nodePort: 30080}");
     let np = Frontend {
-        ip: Ipv4Addr::new(172, 30, 0, 1),
+        ip: Ipv4Addr::new(172, 30, 0, 1).into(),
         port: 30080,
         protocol: Protocol::Tcp,
     };
@@ -476,7 +476,7 @@ fn every_cluster_ip_rejects_ports_no_service_defines() {
     let d = desired([&svc], [&sl], &NodeContext::default());
     for protocol in [Protocol::Tcp, Protocol::Udp] {
         let any = &d.frontends[&Frontend {
-            ip: Ipv4Addr::new(10, 96, 0, 10),
+            ip: Ipv4Addr::new(10, 96, 0, 10).into(),
             port: ANY_OTHER_PORT,
             protocol,
         }];

@@ -14,7 +14,7 @@ struct FakeMaps {
     backends: HashMap<u32, Backend>,
     table_capacity: Option<usize>,
     arena_chunks: u32,
-    ranges: std::collections::BTreeSet<(ServiceKey, (Ipv4Addr, u8))>,
+    ranges: std::collections::BTreeSet<(ServiceKey, (IpAddr, u8))>,
     purged: Vec<ServiceKey>,
 }
 
@@ -88,14 +88,14 @@ impl MapWriter for FakeMaps {
         self.services.remove(&key);
         Ok(())
     }
-    fn put_source_range(&mut self, key: ServiceKey, range: (Ipv4Addr, u8)) -> Result<(), MapError> {
+    fn put_source_range(&mut self, key: ServiceKey, range: (IpAddr, u8)) -> Result<(), MapError> {
         self.ranges.insert((key, range));
         Ok(())
     }
     fn delete_source_range(
         &mut self,
         key: ServiceKey,
-        range: (Ipv4Addr, u8),
+        range: (IpAddr, u8),
     ) -> Result<(), MapError> {
         self.ranges.remove(&(key, range));
         Ok(())
@@ -111,13 +111,13 @@ impl MapWriter for FakeMaps {
 
 impl FakeMaps {
     /// Which backend addresses a frontend's table sends traffic to, with slot counts.
-    fn shares(&self, f: &Frontend) -> BTreeMap<Ipv4Addr, usize> {
+    fn shares(&self, f: &Frontend) -> BTreeMap<IpAddr, usize> {
         let v = self.services[&service_key(f)];
         let mut out = BTreeMap::new();
         let table = &self.tables[&v.table_base];
         assert_eq!(table.len(), v.table_size as usize);
         for &id in table {
-            let ip = Ipv4Addr::from(u32::from_be(self.backends[&id].addr_be));
+            let ip = weir_common::ip_of(&self.backends[&id].addr_be);
             *out.entry(ip).or_default() += 1;
         }
         out
@@ -126,7 +126,7 @@ impl FakeMaps {
 
 fn frontend(last: u8) -> Frontend {
     Frontend {
-        ip: Ipv4Addr::new(10, 96, 0, last),
+        ip: Ipv4Addr::new(10, 96, 0, last).into(),
         port: 80,
         protocol: Protocol::Tcp,
     }
@@ -150,7 +150,7 @@ fn desired(entries: &[(Frontend, &[u8])]) -> Desired {
                 backends: backends
                     .iter()
                     .map(|b| BackendAddr {
-                        ip: Ipv4Addr::new(10, 0, 0, *b),
+                        ip: Ipv4Addr::new(10, 0, 0, *b).into(),
                         port: 8080,
                         protocol: Protocol::Tcp,
                     })
@@ -290,7 +290,7 @@ fn source_ranges_follow_the_frontend() {
     let mut r = Reconciler::new(FakeMaps::default());
     let f = frontend(10);
     let mut d = desired(&[(f, &[1])]);
-    let net = |a: u8, len: u8| (Ipv4Addr::new(192, 0, 2, a), len);
+    let net = |a: u8, len: u8| (IpAddr::from(Ipv4Addr::new(192, 0, 2, a)), len);
     Arc::make_mut(d.frontends.get_mut(&f).expect("frontend")).source_ranges =
         vec![net(0, 24), net(128, 25)];
     r.sync(&d);
@@ -419,13 +419,13 @@ fn a_backend_shared_by_frontends_lives_until_the_last_one_lets_go() {
     // a goes away: 1 and 2 are unused now.
     let report = r.sync(&desired(&[(b, &[3])]));
     assert_eq!(report.frontends_deleted, 1);
-    let left: Vec<Ipv4Addr> = r
+    let left: Vec<IpAddr> = r
         .writer()
         .backends
         .values()
-        .map(|b| Ipv4Addr::from(u32::from_be(b.addr_be)))
+        .map(|b| weir_common::ip_of(&b.addr_be))
         .collect();
-    assert_eq!(left, [Ipv4Addr::new(10, 0, 0, 3)]);
+    assert_eq!(left, [IpAddr::from(Ipv4Addr::new(10, 0, 0, 3))]);
     // The same desired state again writes nothing (the frontend state is shared, not compared).
     let d = desired(&[(b, &[3])]);
     r.sync(&d);

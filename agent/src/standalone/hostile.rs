@@ -2,7 +2,13 @@
 //! HTTPRoutes through the real file reader, decoder and validation. Every document is either refused
 //! with an error naming file, document, object and field, or programmed as written; nothing panics, and
 //! the objects of a good file stay whatever the other files hold.
-use std::{collections::BTreeSet, fs, net::Ipv4Addr, path::Path, time::Instant};
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    time::Instant,
+};
 
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
@@ -59,7 +65,7 @@ fn assert_keep(snap: &Snapshot) {
     let node = NodeContext::default();
     let (desired, _) = DesiredCache::default().update(snap, &node);
     let f = crate::model::Frontend {
-        ip: Ipv4Addr::new(10, 96, 0, 1),
+        ip: Ipv4Addr::new(10, 96, 0, 1).into(),
         port: 80,
         protocol: Protocol::Tcp,
     };
@@ -669,10 +675,10 @@ impl MapWriter for BoundedMaps {
         self.services.remove(&key);
         Ok(())
     }
-    fn put_source_range(&mut self, _: ServiceKey, _: (Ipv4Addr, u8)) -> Result<(), MapError> {
+    fn put_source_range(&mut self, _: ServiceKey, _: (IpAddr, u8)) -> Result<(), MapError> {
         Ok(())
     }
-    fn delete_source_range(&mut self, _: ServiceKey, _: (Ipv4Addr, u8)) -> Result<(), MapError> {
+    fn delete_source_range(&mut self, _: ServiceKey, _: (IpAddr, u8)) -> Result<(), MapError> {
         Ok(())
     }
     fn purge_flows(&mut self, _: &BTreeSet<ServiceKey>) -> Result<usize, MapError> {

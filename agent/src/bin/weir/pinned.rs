@@ -10,18 +10,19 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray};
 use weir_common::{
-    Backend, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV, MAP_SERVICE_STATS,
+    Backend, CtKey, CtKey6, CtValue, CtValue6, MAP_BACKENDS, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_MAGLEV, MAP_SERVICE_STATS,
     MAP_SERVICES, MAP_STATS, ServiceKey, ServiceValue, TABLE_CHUNK_SLOTS, TableChunk,
 };
 
 use crate::view::MapFill;
 
 /// The agent's maps, in the order `weir stats` lists them.
-const KNOWN_MAPS: [&str; 6] = [
+const KNOWN_MAPS: [&str; 7] = [
     MAP_SERVICES,
     MAP_MAGLEV,
     MAP_BACKENDS,
     MAP_CONNTRACK,
+    MAP_CONNTRACK6,
     MAP_STATS,
     MAP_SERVICE_STATS,
 ];
@@ -33,7 +34,7 @@ pub struct Pinned {
 
 /// Conntrack entries read, and how many keys the map held while we walked it.
 pub struct CtDump {
-    pub entries: Vec<(CtKey, CtValue)>,
+    pub entries: Vec<(CtKey6, CtValue6)>,
     pub total: u64,
 }
 
@@ -108,37 +109,27 @@ impl Pinned {
         })
     }
 
-    /// Up to `limit` conntrack entries (0: all), and the number of keys in the map.
+    /// Up to `limit` conntrack entries (0: all) of both families, IPv4 ones in the IPv6 form with
+    /// IPv4-mapped addresses, and the number of keys in the maps.
     pub fn conntrack(&self, limit: usize) -> anyhow::Result<CtDump> {
         let map: HashMap<MapData, CtKey, CtValue> = self.typed(MAP_CONNTRACK, HashMap::try_from)?;
         let max = self.info(MAP_CONNTRACK)?.max_entries() as usize;
-        let mut seen = HashSet::new();
-        let mut entries = Vec::new();
-        // The datapath inserts and the LRU evicts while we walk; a key deleted under the walk restarts it
-        // from the first key, so the walk is bounded by the map's capacity and keys are deduplicated.
-        for key in map.keys().take(max) {
-            let key = match key {
-                Ok(k) => k,
-                Err(e) => {
-                    if seen.is_empty() {
-                        return Err(e).context(format!("reading {MAP_CONNTRACK}"));
-                    }
-                    break;
-                }
-            };
-            if !seen.insert(key) {
-                continue;
-            }
-            if limit != 0 && entries.len() >= limit {
-                continue;
-            }
-            // Evicted between the key walk and the lookup: simply gone.
-            if let Ok(value) = map.get(&key, 0) {
-                entries.push((key, value));
-            }
+        let (v4, total4) = walk(&map, MAP_CONNTRACK, max, limit)?;
+        let mut entries: Vec<(CtKey6, CtValue6)> = v4.into_iter().map(widen).collect();
+        let map6: HashMap<MapData, CtKey6, CtValue6> =
+            self.typed(MAP_CONNTRACK6, HashMap::try_from)?;
+        let max6 = self.info(MAP_CONNTRACK6)?.max_entries() as usize;
+        let left = if limit == 0 {
+            0
+        } else {
+            limit.saturating_sub(entries.len()).max(1)
+        };
+        let (v6, total6) = walk(&map6, MAP_CONNTRACK6, max6, left)?;
+        if limit == 0 || entries.len() < limit {
+            entries.extend(v6);
         }
         Ok(CtDump {
-            total: seen.len() as u64,
+            total: total4 + total6,
             entries,
         })
     }
@@ -330,4 +321,74 @@ fn is_permission_error(e: &MapError) -> bool {
         MapError::SyscallError(s) => s.io_error.kind() == io::ErrorKind::PermissionDenied,
         _ => false,
     }
+}
+
+/// An IPv4 entry in the IPv6 form (addresses IPv4-mapped; a peer of 0 stays all-zero).
+fn widen((k, v): (CtKey, CtValue)) -> (CtKey6, CtValue6) {
+    let mapped = |a: u32| {
+        if a == 0 {
+            [0; 4]
+        } else {
+            weir_common::v4_mapped(a)
+        }
+    };
+    (
+        CtKey6 {
+            saddr_be: mapped(k.saddr_be),
+            daddr_be: mapped(k.daddr_be),
+            sport_be: k.sport_be,
+            dport_be: k.dport_be,
+            proto: k.proto,
+            pad: [0; 3],
+        },
+        CtValue6 {
+            nat_addr_be: mapped(v.nat_addr_be),
+            nat_port_be: v.nat_port_be,
+            kind: v.kind,
+            pad: 0,
+            backend_id: v.backend_id,
+            peer_addr_be: mapped(v.peer_addr_be),
+            peer_port_be: v.peer_port_be,
+            pad2: [0; 2],
+        },
+    )
+}
+
+/// Up to `limit` entries (0: all) of a conntrack map, and how many keys it has. The datapath inserts
+/// and the LRU evicts while we walk; a key deleted under the walk restarts it from the first key, so
+/// the walk is bounded by the map's capacity and keys are deduplicated.
+fn walk<K, V>(
+    map: &HashMap<MapData, K, V>,
+    name: &str,
+    max: usize,
+    limit: usize,
+) -> anyhow::Result<(Vec<(K, V)>, u64)>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod,
+{
+    let mut seen = HashSet::new();
+    let mut entries = Vec::new();
+    for key in map.keys().take(max) {
+        let key = match key {
+            Ok(k) => k,
+            Err(e) => {
+                if seen.is_empty() {
+                    return Err(e).context(format!("reading {name}"));
+                }
+                break;
+            }
+        };
+        if !seen.insert(key) {
+            continue;
+        }
+        if limit != 0 && entries.len() >= limit {
+            continue;
+        }
+        // Evicted between the key walk and the lookup: simply gone.
+        if let Ok(value) = map.get(&key, 0) {
+            entries.push((key, value));
+        }
+    }
+    Ok((entries, seen.len() as u64))
 }

@@ -4,14 +4,14 @@
 use std::{
     collections::{BTreeMap, HashMap},
     fmt::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::{Context as _, bail};
 use serde::{Serialize, Serializer};
 use weir_agent::state::{AgentState, FrontendInfo};
 use weir_common::{
-    Backend, CT_FORWARD, CT_REVERSE, CtKey, CtValue, PROTO_TCP, PROTO_UDP, STAT_NAMES,
+    Backend, CT_FORWARD, CT_REVERSE, CtKey6, CtValue6, PROTO_TCP, PROTO_UDP, STAT_NAMES,
     SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey, ServiceValue,
 };
 
@@ -37,9 +37,9 @@ pub fn proto_number(name: &str) -> Option<u8> {
     }
 }
 
-/// An address and port stored in network order, as the datapath keeps them.
-pub fn endpoint(addr_be: u32, port_be: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(u32::from_be(addr_be)), u16::from_be(port_be))
+/// An address and port stored in network order, as the datapath keeps them (IPv4 shown as IPv4).
+pub fn endpoint(addr: &weir_common::Addr, port_be: u16) -> SocketAddr {
+    SocketAddr::new(weir_common::ip_of(addr), u16::from_be(port_be))
 }
 
 fn dash(s: Option<&str>) -> String {
@@ -58,11 +58,11 @@ fn percent(part: u64, whole: u64) -> f64 {
 }
 
 /// A frontend as the maps key it: address, port and IP protocol number.
-type FrontendAddr = (Ipv4Addr, u16, u8);
+type FrontendAddr = (IpAddr, u16, u8);
 
 fn service_key_addr(key: &ServiceKey) -> FrontendAddr {
-    let ep = endpoint(key.addr_be, key.port_be);
-    (*ep.ip(), ep.port(), key.proto)
+    let ep = endpoint(&key.addr_be, key.port_be);
+    (ep.ip(), ep.port(), key.proto)
 }
 
 /// The agent's names for frontends, looked up by address. Empty when the agent did not answer.
@@ -80,8 +80,8 @@ impl Names {
         };
         let mut by_addr = HashMap::new();
         for (i, f) in state.frontends.iter().enumerate() {
-            // An entry we cannot key (a future IPv6 frontend, an unknown protocol) only goes unnamed.
-            let (Ok(ip), Some(proto)) = (f.ip.parse::<Ipv4Addr>(), proto_number(&f.protocol))
+            // An entry we cannot key (an unknown protocol) only goes unnamed.
+            let (Ok(ip), Some(proto)) = (f.ip.parse::<IpAddr>(), proto_number(&f.protocol))
             else {
                 continue;
             };
@@ -114,7 +114,7 @@ pub struct FrontendRow {
     /// `namespace/name`; `None` when the agent did not name it.
     pub service: Option<String>,
     pub port_name: Option<String>,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: String,
     /// `ip:port/PROTO`.
@@ -159,7 +159,7 @@ impl FrontendRow {
         }
     }
 
-    fn sort_key(&self) -> (bool, Option<String>, Ipv4Addr, u16, String) {
+    fn sort_key(&self) -> (bool, Option<String>, IpAddr, u16, String) {
         // Named frontends first, grouped by Service; unnamed ones after, by address.
         (
             self.service.is_none(),
@@ -220,7 +220,7 @@ pub enum Selector {
     Service(String),
     /// `ip:port[/proto]`: works from the maps alone.
     Frontend {
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         proto: Option<u8>,
     },
 }
@@ -232,7 +232,7 @@ impl Selector {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        if let Ok(addr) = addr_part.parse::<SocketAddrV4>() {
+        if let Ok(addr) = addr_part.parse::<SocketAddr>() {
             let proto = match proto_part {
                 None => None,
                 Some(p) => Some(proto_number(p).with_context(|| {
@@ -256,7 +256,7 @@ impl Selector {
         match self {
             Self::Service(_) => false,
             Self::Frontend { addr: a, proto } => {
-                *a.ip() == addr.0 && a.port() == addr.1 && proto.is_none_or(|p| p == addr.2)
+                a.ip() == addr.0 && a.port() == addr.1 && proto.is_none_or(|p| p == addr.2)
             }
         }
     }
@@ -308,7 +308,7 @@ pub fn slot_shares(slots: &[u32], backends: &BTreeMap<u32, Backend>) -> Vec<Back
             id,
             address: backends
                 .get(&id)
-                .map(|b| endpoint(b.addr_be, b.port_be).to_string()),
+                .map(|b| endpoint(&b.addr_be, b.port_be).to_string()),
             slots: n,
             share_percent: percent(n, total),
         })
@@ -342,7 +342,7 @@ pub fn service_get(
                 .of_service(service)
                 .filter(|f| f.port != weir_agent::model::ANY_OTHER_PORT)
             {
-                match (f.ip.parse::<Ipv4Addr>(), proto_number(&f.protocol)) {
+                match (f.ip.parse::<IpAddr>(), proto_number(&f.protocol)) {
                     (Ok(ip), Some(proto)) => addrs.push((ip, f.port, proto)),
                     _ => continue,
                 }
@@ -501,8 +501,8 @@ pub struct CtList {
 }
 
 /// Builds the conntrack listing: each flow's forward entry next to its reply's reverse entry.
-pub fn conntrack_list(entries: &[(CtKey, CtValue)], total: u64, names: &Names) -> CtList {
-    let mut sorted: Vec<&(CtKey, CtValue)> = entries.iter().collect();
+pub fn conntrack_list(entries: &[(CtKey6, CtValue6)], total: u64, names: &Names) -> CtList {
+    let mut sorted: Vec<&(CtKey6, CtValue6)> = entries.iter().collect();
     // Order by the client end (source of a forward entry, destination of a reverse one), so a flow's two
     // entries sit together.
     sorted.sort_by_key(|(k, v)| {
@@ -513,26 +513,26 @@ pub fn conntrack_list(entries: &[(CtKey, CtValue)], total: u64, names: &Names) -
         };
         (
             k.proto,
-            u32::from_be(client_addr),
+            weir_common::ip_of(&client_addr),
             u16::from_be(client_port),
             v.kind,
-            u32::from_be(k.saddr_be),
+            weir_common::ip_of(&k.saddr_be),
             u16::from_be(k.sport_be),
         )
     });
     let rows: Vec<CtRow> = sorted
         .into_iter()
         .map(|(k, v)| {
-            let src = endpoint(k.saddr_be, k.sport_be);
-            let dst = endpoint(k.daddr_be, k.dport_be);
-            let nat = endpoint(v.nat_addr_be, v.nat_port_be);
+            let src = endpoint(&k.saddr_be, k.sport_be);
+            let dst = endpoint(&k.daddr_be, k.dport_be);
+            let nat = endpoint(&v.nat_addr_be, v.nat_port_be);
             let (direction, frontend) = match v.kind {
                 CT_FORWARD => ("forward".to_owned(), Some(dst)),
                 CT_REVERSE => ("reverse".to_owned(), Some(nat)),
                 other => (format!("kind-{other}"), None),
             };
             let service = frontend
-                .and_then(|f| names.get((*f.ip(), f.port(), k.proto)))
+                .and_then(|f| names.get((f.ip(), f.port(), k.proto)))
                 .map(|n| n.service.clone());
             CtRow {
                 direction,
@@ -693,8 +693,8 @@ mod tests {
         unsafe { std::mem::zeroed() }
     }
 
-    fn be(ip: [u8; 4]) -> u32 {
-        u32::from(Ipv4Addr::from(ip)).to_be()
+    fn be(ip: [u8; 4]) -> weir_common::Addr {
+        weir_common::addr_of(std::net::Ipv4Addr::from(ip).into())
     }
 
     fn key(ip: [u8; 4], port: u16, proto: u8) -> ServiceKey {
@@ -1015,8 +1015,8 @@ mod tests {
         dst: ([u8; 4], u16),
         nat: ([u8; 4], u16),
         kind: u8,
-    ) -> (CtKey, CtValue) {
-        let mut k: CtKey = zeroed();
+    ) -> (CtKey6, CtValue6) {
+        let mut k: CtKey6 = zeroed();
         (k.saddr_be, k.daddr_be, k.sport_be, k.dport_be, k.proto) = (
             be(src.0),
             be(dst.0),
@@ -1024,7 +1024,7 @@ mod tests {
             dst.1.to_be(),
             PROTO_TCP,
         );
-        let mut v: CtValue = zeroed();
+        let mut v: CtValue6 = zeroed();
         (v.nat_addr_be, v.nat_port_be, v.kind, v.backend_id) = (be(nat.0), nat.1.to_be(), kind, 2);
         (k, v)
     }

@@ -1,0 +1,136 @@
+//! Connection tracking for both families behind one interface: IPv4 flows live in `WEIR_CT` with their
+//! 16-byte key (the hot path of most clusters), IPv6 flows in `WEIR_CT6`; callers see one entry type
+//! with addresses in the maps' common form.
+use weir_common::{Addr, CtKey, CtKey6, CtValue, CtValue6, v4_mapped};
+
+use crate::maps::{CONNTRACK, CONNTRACK6};
+
+/// One direction of a flow as seen on the wire.
+pub struct Tuple {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub v6: bool,
+}
+
+/// What to do with a tracked packet (see `weir_common::CtValue`).
+#[derive(Clone, Copy)]
+pub struct Entry {
+    pub nat_addr: Addr,
+    pub nat_port_be: u16,
+    pub kind: u8,
+    pub backend_id: u32,
+    /// All-zero: no peer rewrite.
+    pub peer_addr: Addr,
+    pub peer_port_be: u16,
+}
+
+#[inline(always)]
+fn key4(t: &Tuple) -> CtKey {
+    CtKey {
+        saddr_be: t.saddr[3],
+        daddr_be: t.daddr[3],
+        sport_be: t.sport_be,
+        dport_be: t.dport_be,
+        proto: t.proto,
+        pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn key6(t: &Tuple) -> CtKey6 {
+    CtKey6 {
+        saddr_be: t.saddr,
+        daddr_be: t.daddr,
+        sport_be: t.sport_be,
+        dport_be: t.dport_be,
+        proto: t.proto,
+        pad: [0; 3],
+    }
+}
+
+/// An IPv4 entry's peer of 0 means none; in the common form that is all-zero, not `::ffff:0.0.0.0`.
+#[inline(always)]
+fn peer4(addr_be: u32) -> Addr {
+    if addr_be == 0 {
+        [0; 4]
+    } else {
+        v4_mapped(addr_be)
+    }
+}
+
+#[inline(always)]
+pub fn lookup(t: &Tuple) -> Option<Entry> {
+    if t.v6 {
+        // SAFETY: pointer from a successful lookup; CtValue6 is plain data, and a concurrent update
+        // can at worst give a stale copy, which the callers' checks tolerate.
+        let v = unsafe { *CONNTRACK6.get_ptr(key6(t))? };
+        Some(Entry {
+            nat_addr: v.nat_addr_be,
+            nat_port_be: v.nat_port_be,
+            kind: v.kind,
+            backend_id: v.backend_id,
+            peer_addr: v.peer_addr_be,
+            peer_port_be: v.peer_port_be,
+        })
+    } else {
+        // SAFETY: as above, for CtValue.
+        let v = unsafe { *CONNTRACK.get_ptr(key4(t))? };
+        Some(Entry {
+            nat_addr: v4_mapped(v.nat_addr_be),
+            nat_port_be: v.nat_port_be,
+            kind: v.kind,
+            backend_id: v.backend_id,
+            peer_addr: peer4(v.peer_addr_be),
+            peer_port_be: v.peer_port_be,
+        })
+    }
+}
+
+#[inline(always)]
+pub fn exists(t: &Tuple) -> bool {
+    if t.v6 {
+        CONNTRACK6.get_ptr(key6(t)).is_some()
+    } else {
+        CONNTRACK.get_ptr(key4(t)).is_some()
+    }
+}
+
+/// An LRU insert only fails on allocation failure; callers go on (the next packet of the flow picks
+/// the same backend from the same Maglev table).
+#[inline(always)]
+pub fn insert(t: &Tuple, e: &Entry) {
+    if t.v6 {
+        let value = CtValue6 {
+            nat_addr_be: e.nat_addr,
+            nat_port_be: e.nat_port_be,
+            kind: e.kind,
+            pad: 0,
+            backend_id: e.backend_id,
+            peer_addr_be: e.peer_addr,
+            peer_port_be: e.peer_port_be,
+            pad2: [0; 2],
+        };
+        let _ = CONNTRACK6.insert(key6(t), value, 0);
+    } else {
+        let value = CtValue {
+            nat_addr_be: e.nat_addr[3],
+            nat_port_be: e.nat_port_be,
+            kind: e.kind,
+            pad: 0,
+            backend_id: e.backend_id,
+            peer_addr_be: e.peer_addr[3],
+            peer_port_be: e.peer_port_be,
+            pad2: [0; 6],
+        };
+        let _ = CONNTRACK.insert(key4(t), value, 0);
+    }
+}
+
+/// True for the all-zero address, the "none" of `Entry::peer_addr`.
+#[inline(always)]
+pub fn is_none(addr: &Addr) -> bool {
+    (addr[0] | addr[1] | addr[2] | addr[3]) == 0
+}
