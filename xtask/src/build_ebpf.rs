@@ -3,7 +3,7 @@
 
 use anyhow::{Context as _, Result};
 
-use crate::{cmd, setup};
+use xtask::{cmd, setup};
 
 pub fn run() -> Result<()> {
     setup::toolchain()?;

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-use crate::{cmd, setup};
+use xtask::{cmd, setup};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,6 +48,8 @@ pub fn run(args: &Args) -> Result<()> {
         "--workspace",
         "--exclude",
         "weir-ebpf",
+        "--features",
+        "xtask/lab",
         "--all-targets",
         "--",
         "-D",
@@ -75,7 +77,7 @@ pub fn run(args: &Args) -> Result<()> {
     step(&mut outcomes, "clippy (eBPF)", &mut clippy_ebpf);
 
     let mut unit = cmd::cargo()?;
-    unit.args(["test", "--release"]);
+    unit.args(["test", "--release", "--features", "xtask/lab"]);
     step(&mut outcomes, "unit tests", &mut unit);
 
     let mut integration = cmd::cargo()?;
