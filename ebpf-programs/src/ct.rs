@@ -5,15 +5,10 @@ use weir_common::{Addr, CtKey, CtKey6, CtValue, CtValue6, v4_mapped};
 
 use crate::maps::{CONNTRACK, CONNTRACK6};
 
-/// One direction of a flow as seen on the wire.
-pub struct Tuple {
-    pub saddr: Addr,
-    pub daddr: Addr,
-    pub sport_be: u16,
-    pub dport_be: u16,
-    pub proto: u8,
-    pub v6: bool,
-}
+/// One direction of a flow as seen on the wire: a parsed packet is its own key (its offsets unused),
+/// so the main path keeps a single copy on the stack, which the verifier limits to 512 bytes per
+/// call chain.
+pub type Tuple = crate::packet::Flow;
 
 /// What to do with a tracked packet (see `weir_common::CtValue`).
 #[derive(Clone, Copy)]
@@ -99,8 +94,9 @@ pub fn exists(t: &Tuple) -> bool {
 }
 
 /// An LRU insert only fails on allocation failure; callers go on (the next packet of the flow picks
-/// the same backend from the same Maglev table).
-#[inline(always)]
+/// the same backend from the same Maglev table). Out of line: its map key and value would otherwise
+/// sit in the frame of the new-flow path.
+#[inline(never)]
 pub fn insert(t: &Tuple, e: &Entry) {
     if t.v6 {
         let value = CtValue6 {

@@ -158,6 +158,8 @@ fn translate_error6(ctx: &TcContext) -> Option<i32> {
         dport_be: ports[0],
         proto: inner_next,
         v6: true,
+        ihl: 0,
+        l4_off: 0,
     })?;
     if entry.kind != CT_REVERSE {
         return None;

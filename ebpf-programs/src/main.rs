@@ -118,15 +118,7 @@ fn ingress(ctx: &TcContext, outside: bool) -> Result<i32, ()> {
         return Ok(TC_ACT_OK);
     };
 
-    let key = ct::Tuple {
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        sport_be: flow.sport_be,
-        dport_be: flow.dport_be,
-        proto: flow.proto,
-        v6: flow.v6,
-    };
-    if let Some(entry) = ct::lookup(&key) {
+    if let Some(entry) = ct::lookup(&flow) {
         if entry.kind == CT_REVERSE {
             return reply(ctx, &flow, &entry);
         }
@@ -137,7 +129,7 @@ fn ingress(ctx: &TcContext, outside: bool) -> Result<i32, ()> {
     }
     // Each path is its own subprogram and rejects are built at this level: the verifier limits the
     // stack of a whole call chain to 512 bytes.
-    match new_flow(ctx, &flow, &key, outside)? {
+    match new_flow(ctx, &flow, outside)? {
         NewFlow::Done(verdict) => Ok(verdict),
         NewFlow::Reject => Ok(reject::reject(ctx, &flow)),
     }
@@ -193,7 +185,7 @@ fn established(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> Result<i32, (
 
 /// A packet that starts a flow: find its frontend, pick a backend, record the flow both ways, translate.
 #[inline(never)]
-fn new_flow(ctx: &TcContext, flow: &Flow, key: &ct::Tuple, outside: bool) -> Result<NewFlow, ()> {
+fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool) -> Result<NewFlow, ()> {
     let svc_key = ServiceKey {
         addr_be: flow.daddr,
         port_be: flow.dport_be,
@@ -291,6 +283,8 @@ fn new_flow(ctx: &TcContext, flow: &Flow, key: &ct::Tuple, outside: bool) -> Res
         dport_be: if peer { peer_port } else { flow.sport_be },
         proto: flow.proto,
         v6: flow.v6,
+        ihl: 0,
+        l4_off: 0,
     };
     let reverse = ct::Entry {
         nat_addr: flow.daddr,
@@ -301,7 +295,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, key: &ct::Tuple, outside: bool) -> Res
         peer_port_be: if peer { flow.sport_be } else { 0 },
     };
     ct::insert(&reverse_key, &reverse);
-    ct::insert(key, &forward);
+    ct::insert(flow, &forward);
     count(STAT_FWD_NEW);
     count_service(&svc_key, ctx.len());
     forward_to_backend(ctx, flow, &forward).map(NewFlow::Done)
@@ -349,7 +343,9 @@ fn forward_to_backend(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> Result
     }
 }
 
-/// `loadBalancerSourceRanges`: is `client` inside one of the frontend's allowed prefixes?
+/// `loadBalancerSourceRanges`: is `client` inside one of the frontend's allowed prefixes? Out of line
+/// for the stack: its 40-byte trie key.
+#[inline(never)]
 fn source_allowed(frontend: &ServiceKey, client: &Addr) -> bool {
     let key = Key::new(
         SOURCE_RANGE_FRONTEND_BITS + 128,

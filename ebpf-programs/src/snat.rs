@@ -21,6 +21,8 @@ pub fn allocate_port(node: &Addr, backend: &Backend, flow: &Flow) -> Option<u16>
         dport_be: 0,
         proto: flow.proto,
         v6: flow.v6,
+        ihl: 0,
+        l4_off: 0,
     };
     let mut i = 0;
     while i < TRIES {

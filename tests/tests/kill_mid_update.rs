@@ -58,7 +58,9 @@ fn check_pins(pins: &Path) -> BTreeSet<Ipv4Addr> {
     let mut served = BTreeSet::new();
     for entry in services.iter() {
         let (k, v) = entry.expect("read WEIR_SERVICES");
-        let ip = Ipv4Addr::from(u32::from_be(k.addr_be));
+        let std::net::IpAddr::V4(ip) = weir_common::ip_of(&k.addr_be) else {
+            panic!("an IPv6 frontend in an IPv4-only test: {k:?}");
+        };
         if v.table_size == 0 {
             continue;
         }

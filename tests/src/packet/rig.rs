@@ -274,7 +274,7 @@ impl Rig {
         let pod_ifindex = nix::net::if_::if_nametoindex("pod0").context("ifindex of pod0")?;
         let ext_ifindex = nix::net::if_::if_nametoindex("ext0").context("ifindex of ext0")?;
         datapath
-            .set_external_address(ext_ifindex, NODE_IP)
+            .set_external_address(ext_ifindex, Some(NODE_IP), None)
             .context("WEIR_EXT_IFACES entry for ext0")?;
 
         std::fs::write(config_dir.join("services.yaml"), config_yaml())
@@ -284,7 +284,7 @@ impl Rig {
             .context("read the rig's config")?;
         ensure!(errors.is_empty(), "config errors: {}", errors.join("; "));
         let node = NodeContext {
-            ips: vec![NODE_IP],
+            ips: vec![NODE_IP.into()],
             name: "fx-node".into(),
             ..NodeContext::default()
         };
@@ -302,8 +302,12 @@ impl Rig {
         let mut frontends = BTreeSet::new();
         for entry in services.keys() {
             let k = entry.context("reading WEIR_SERVICES")?;
+            // The rig's frames are IPv4; so are its Services.
+            let std::net::IpAddr::V4(ip) = weir_common::ip_of(&k.addr_be) else {
+                continue;
+            };
             frontends.insert((
-                Ipv4Addr::from(u32::from_be(k.addr_be)),
+                ip,
                 u16::from_be(k.port_be),
                 k.proto,
             ));
@@ -313,8 +317,11 @@ impl Rig {
         let mut backends = BTreeSet::new();
         for entry in backends_map.iter() {
             let (_, b) = entry.context("reading WEIR_BACKENDS")?;
+            let std::net::IpAddr::V4(ip) = weir_common::ip_of(&b.addr_be) else {
+                continue;
+            };
             backends.insert((
-                Ipv4Addr::from(u32::from_be(b.addr_be)),
+                ip,
                 u16::from_be(b.port_be),
                 b.proto,
             ));

@@ -583,7 +583,7 @@ impl Rig {
         backends.insert(
             mirror_id,
             Backend {
-                addr_be: u32::from(vip).to_be(),
+                addr_be: weir_common::addr_of(vip.into()),
                 port_be: SERVICE_PORT.to_be(),
                 ..real
             },
@@ -938,7 +938,7 @@ fn slice_change(
     let mut endpoints: Vec<_> = (0..CHANGED_ENDPOINTS)
         .map(|j| {
             let mut ep = template.clone();
-            ep.ip = Ipv4Addr::new(10, 250, 0, 1 + j as u8);
+            ep.ip = Ipv4Addr::new(10, 250, 0, 1 + j as u8).into();
             ep
         })
         .collect();
@@ -955,7 +955,7 @@ fn slice_change(
     let front = SocketAddrV4::new(probe.vip, SERVICE_PORT);
     for c in 0..changes {
         let fresh = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 251, 0, 1)) + c as u32);
-        endpoints[c % CHANGED_ENDPOINTS].ip = fresh;
+        endpoints[c % CHANGED_ENDPOINTS].ip = fresh.into();
         set(rig, &endpoints);
         let t = Instant::now();
         let (desired, _) = rig.cache.update(&rig.snapshot, &NodeContext::default());
