@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 /// How a client operation failed, as far as the datapath's behaviour is concerned.
@@ -166,7 +166,8 @@ pub fn tcp_connect(addr: SocketAddr, timeout: Duration) -> Result<TcpConn, Clien
     })
 }
 
-/// Connects, reads the backend's greeting line (`"<pod> <client_ip>:<client_port>"`) and closes.
+/// Connects, reads the backend's greeting line (`"<pod> <client_ip>:<client_port>"`, or
+/// `"<pod> [<client_ip6>]:<client_port>"` over IPv6) and closes.
 pub fn tcp_request(addr: SocketAddr, timeout: Duration) -> Result<String, ClientError> {
     tcp_connect(addr, timeout)?.read_line()
 }
@@ -185,7 +186,7 @@ pub struct UdpReply {
 pub fn udp_request(addr: SocketAddr, timeout: Duration) -> Result<UdpReply, ClientError> {
     let started = Instant::now();
     let err = |e| ClientError::new("udp request", addr, started, e);
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(err)?;
+    let sock = UdpSocket::bind(any_port_like(addr)).map_err(err)?;
     sock.set_read_timeout(Some(timeout)).map_err(err)?;
     sock.connect(addr).map_err(err)?;
     sock.send(b"hello\n").map_err(err)?;
@@ -206,7 +207,7 @@ pub fn udp_request_unconnected(
 ) -> Result<UdpReply, ClientError> {
     let started = Instant::now();
     let err = |e| ClientError::new("udp request (unconnected)", addr, started, e);
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).map_err(err)?;
+    let sock = UdpSocket::bind(any_port_like(addr)).map_err(err)?;
     sock.set_read_timeout(Some(timeout)).map_err(err)?;
     sock.send_to(b"hello\n", addr).map_err(err)?;
     let mut buf = [0u8; 2048];
@@ -215,6 +216,15 @@ pub fn udp_request_unconnected(
         line: reply_line(&buf[..n]),
         from,
     })
+}
+
+/// The wildcard address with an ephemeral port in `addr`'s family: a client socket for IPv6 targets is an
+/// IPv6 socket, so its replies and ICMPv6 errors reach it as such.
+pub fn any_port_like(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
 }
 
 fn reply_line(bytes: &[u8]) -> String {

@@ -7,17 +7,22 @@
 //!                   └── out0 ──── eth0 172.30.0.100 outside host (reaches node IPs only)
 //! ```
 //!
+//! Dual stack, by the lab's address plan ([`crate::lab`], [`v6_twin`]): node `i` also holds
+//! `fd00:172:30::(10+i)/64` ([`node_ip6`]) on its uplink, its pods `fd00:10:0:<i>::<host>`
+//! ([`pod_cidr6`]), every node routes the other nodes' pod `/64`s via their IPv6 node IPs, and outside
+//! hosts hold the twin of their IPv4 address in the fabric's `/64` (on-link only, as for IPv4).
+//!
 //! Everything is torn down on drop, also when a test panics: agents first (they borrow the cluster, so the
 //! borrow checker makes them go first), then the host-network and outside backends, the labs (pods, nodes
 //! and uplinks), the outside hosts, and the fabric last.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use anyhow::{Context, bail, ensure};
 
 use crate::agent::Agent;
-use crate::lab::{Lab, Pod, Shared};
+use crate::lab::{Lab, Pod, Shared, add_addr6, no_dad, v6_twin, v6_twin_net64};
 use crate::netns::{self, NetNs, ip, sysctl};
 use crate::scenario::HEALTHY_TIMEOUT;
 
@@ -44,6 +49,11 @@ pub fn node_ip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(a, b, c, 10 + i as u8)
 }
 
+/// Node `i`'s IPv6 address, `fd00:172:30::(10+i)` (the twin of [`node_ip`]), on its [`UPLINK`].
+pub fn node_ip6(i: usize) -> Ipv6Addr {
+    v6_twin(node_ip(i))
+}
+
 /// Node `i`'s name, `node-<i>`: its agent's `--node-name` and the `nodeName` of its pods' endpoints.
 pub fn node_name(i: usize) -> String {
     format!("node-{i}")
@@ -58,6 +68,16 @@ pub fn pod_ip(i: usize, host: u8) -> Ipv4Addr {
 /// Node `i`'s pod range, `10.0.<i>.0/24`.
 pub fn pod_cidr(i: usize) -> String {
     format!("{}/24", pod_ip(i, 0))
+}
+
+/// IPv6 address `host` in node `i`'s pod range (the twin of [`pod_ip`]: `fd00:10:0:<i>::<host>`).
+pub fn pod_ip6(i: usize, host: u8) -> Ipv6Addr {
+    v6_twin(pod_ip(i, host))
+}
+
+/// Node `i`'s IPv6 pod range, `fd00:10:0:<i>::/64`.
+pub fn pod_cidr6(i: usize) -> String {
+    v6_twin_net64(pod_ip(i, 0))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -113,9 +133,22 @@ impl Cluster {
         // From here on, a failure drops `cluster`, which deletes whatever was already created.
         cluster.fabric = Some(NetNs::create(&format!("weir-{}-fabric", cluster.id))?);
         let fabric = cluster.fabric_netns().to_owned();
+        no_dad(&fabric)?;
         ip(&["-n", &fabric, "link", "set", "lo", "up"])?;
         // STP stays off (the default), so ports forward as soon as they are up: no 15 s listening delay.
-        ip(&["-n", &fabric, "link", "add", BRIDGE, "type", "bridge"])?;
+        // No multicast snooping: without an MLD querier it would only add a way for neighbour
+        // discovery's multicast to go astray.
+        ip(&[
+            "-n",
+            &fabric,
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
         ip(&["-n", &fabric, "link", "set", BRIDGE, "up"])?;
         for i in 0..nodes {
             // The lab sets ip_forward=1 and rp_filter=0 (all and default) in its node namespace; the
@@ -140,18 +173,32 @@ impl Cluster {
                     "dev",
                     UPLINK,
                 ])?;
+                let via6 = node_ip6(j).to_string();
+                ip(&[
+                    "-n",
+                    node,
+                    "-6",
+                    "route",
+                    "add",
+                    &pod_cidr6(j),
+                    "via",
+                    &via6,
+                    "dev",
+                    UPLINK,
+                ])?;
             }
         }
         Ok(cluster)
     }
 
-    /// Joins node `i` to the bridge: [`UPLINK`] in the node holding `node_ip(i)/24`, its peer `node<i>` a
-    /// bridge port in the fabric.
+    /// Joins node `i` to the bridge: [`UPLINK`] in the node holding `node_ip(i)/24` and
+    /// `node_ip6(i)/64`, its peer `node<i>` a bridge port in the fabric.
     fn attach_node(&self, i: usize) -> anyhow::Result<()> {
         let node = self.labs[i].node_netns();
         let port = format!("node{i}");
         let addr = format!("{}/24", node_ip(i));
         self.plug(node, UPLINK, &port, &addr)?;
+        add_addr6(node, &format!("{}/64", node_ip6(i)), UPLINK)?;
         // Explicit, like the lab's other links: requests and replies of one flow may use different nodes.
         sysctl(node, &format!("net.ipv4.conf.{UPLINK}.rp_filter"), "0")?;
         ip(&["-n", node, "link", "set", UPLINK, "up"])?;
@@ -231,7 +278,7 @@ impl Cluster {
         names
     }
 
-    /// Node `i`'s own network namespace as a [`Pod`] named `node-<i>` at `node_ip(i)`: host-network
+    /// Node `i`'s own network namespace as a [`Pod`] named `node-<i>` at `node_ip(i)` and `node_ip6(i)`: host-network
     /// backends (`serve_*`) and clients (node-originated traffic). Its backends stop with the cluster.
     pub fn node_host(&self, i: usize) -> Pod {
         Pod::new(
@@ -300,8 +347,8 @@ impl Cluster {
     }
 
     /// Puts an outside host `name` on the fabric at `addr` (in `172.30.0.0/24`, not a node's IP; by
-    /// convention `.100` and up, see [`OUTSIDE`]): its own namespace, `eth0` holding `addr/24` bridged with
-    /// the nodes' uplinks. It has no default route and no route to the pod ranges, so like an external
+    /// convention `.100` and up, see [`OUTSIDE`]): its own namespace, `eth0` holding `addr/24` and its
+    /// twin `/64` ([`v6_twin`], e.g. `fd00:172:30::100`) bridged with the nodes' uplinks. It has no default route and no route to the pod ranges, so like an external
     /// client it reaches node IPs only (add routes to other frontends with [`Cluster::add_outside_route`]).
     /// The returned pod's `node_iface` is its bridge port in the fabric (`out<k>`).
     pub fn add_outside(&self, name: &str, addr: impl Into<Ipv4Addr>) -> anyhow::Result<Pod> {
@@ -334,14 +381,17 @@ impl Cluster {
         drop(outside);
 
         let ns = pod.netns();
+        no_dad(ns)?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
         self.plug(ns, "eth0", &port, &format!("{addr}/24"))?;
+        add_addr6(ns, &format!("{}/64", pod.ip6()), "eth0")?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         Ok(pod)
     }
 
-    /// Routes `dest` (a CIDR, e.g. a LoadBalancer IP `198.51.100.10/32`) from outside host `host` via node
-    /// `via_node`'s IP, as a router or load balancer in front of the cluster would.
+    /// Routes `dest` (a CIDR, e.g. a LoadBalancer IP `198.51.100.10/32`, or an IPv6 one, routed via the
+    /// node's [`node_ip6`]) from outside host `host` via node `via_node`'s IP, as a router or load
+    /// balancer in front of the cluster would.
     pub fn add_outside_route(&self, host: &Pod, dest: &str, via_node: usize) -> anyhow::Result<()> {
         ensure!(
             lock(&self.outside)
@@ -352,14 +402,19 @@ impl Cluster {
             self.id
         );
         self.ensure_node(via_node);
-        let via = node_ip(via_node).to_string();
+        let via = if dest.contains(':') {
+            node_ip6(via_node).to_string()
+        } else {
+            node_ip(via_node).to_string()
+        };
         ip(&["-n", host.netns(), "route", "add", dest, "via", &via])?;
         Ok(())
     }
 
     /// The arguments that make an agent node `i` of this cluster: `--node-name node-<i>`,
-    /// `--external-iface` [`UPLINK`], `--node-ip` [`node_ip`]`(i)`. ([`Lab::start_agent`] adds the config
-    /// dir, pod interface prefix and bpffs, all per node.)
+    /// `--external-iface` [`UPLINK`], `--node-ip` [`node_ip`]`(i)` and `--node-ip` [`node_ip6`]`(i)` (a
+    /// dual-stack node has both, as kube-proxy is given both). ([`Lab::start_agent`] adds the config dir,
+    /// pod interface prefix and bpffs, all per node.)
     pub fn agent_args(&self, i: usize) -> Vec<String> {
         self.ensure_node(i);
         vec![
@@ -369,6 +424,8 @@ impl Cluster {
             UPLINK.to_owned(),
             "--node-ip".to_owned(),
             node_ip(i).to_string(),
+            "--node-ip".to_owned(),
+            node_ip6(i).to_string(),
         ]
     }
 

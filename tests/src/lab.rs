@@ -1,8 +1,33 @@
 //! The lab: a "node" network namespace, Calico-style "pod" namespaces wired to it by veth pairs, the
 //! per-lab temp dir (agent config dir, logs) and bpffs, and the pod handles tests drive backends and
 //! clients through.
+//!
+//! # Dual stack: the IPv6 address plan
+//!
+//! Every pod, node and outside host is dual-stack. Its IPv6 address is the IPv4 one's *twin*
+//! ([`v6_twin`]): `a.b.c.d` becomes `fd00:a:b:c::d`, each decimal octet written as hex digits, so the
+//! two read alike in logs and captures (`10.0.1.12` ↔ `fd00:10:0:1::12`), and a `/24` becomes a `/64`.
+//!
+//! | what | IPv4 | IPv6 |
+//! |---|---|---|
+//! | pod (`eth0`) | `10.0.<node>.<host>/32` | `fd00:10:0:<node>::<host>/128` |
+//! | pod default route | `via 169.254.1.1` ([`GATEWAY`], proxy ARP) | `via fe80::1 dev eth0` ([`GATEWAY6`]) |
+//! | node side of a pod veth (`wp<i>`) | proxy_arp, no address | `fe80::1/64` (link-local gateway) |
+//! | node route to a pod | `<ip>/32 dev wp<i>` | `<ip6>/128 dev wp<i>` |
+//! | node's own (`lo`) | `169.254.1.1/32` | `fd00:169:254:1::1/128` ([`NODE_LO6`]) |
+//! | lone lab's outside link ([`Lab::add_external_host`]) | node `172.30.0.1/24`, host `.2/24` | node `fd00:172:30::1/64`, host `::2/64` |
+//! | cluster fabric ([`crate::cluster`]) | node `i`: `172.30.0.(10+i)/24` | node `i`: `fd00:172:30::(10+i)/64` |
+//! | cluster pod range of node `i` | `10.0.<i>.0/24` via node `i` | `fd00:10:0:<i>::/64` via node `i`'s v6 |
+//! | ClusterIPs tests pick (convention) | `10.96.0.<n>` | `fd00:10:96::<n>` |
+//!
+//! Node namespaces forward IPv6 (`net.ipv6.conf.all.forwarding=1`). Duplicate address detection is off
+//! in every namespace (`accept_dad=0` for `all` and `default`, set before any interface exists) and every
+//! address is added `nodad`: a tentative address makes `bind` and `connect` fail, and nothing in a lab can
+//! clash anyway. Backends ([`Pod::serve`]) listen on `0.0.0.0:port` and, beside it, on IPv6-only
+//! `[::]:port`, and name the peer they saw in every reply, so tests can check a client's own IPv6
+//! address arrived.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -20,6 +45,46 @@ use crate::netns::{self, NetNs, in_netns, ip, sysctl};
 /// `eth0` and the node answers (its own address) with the MAC of the pod's veth peer, like Calico's
 /// proxy-ARP gateway. The node needs a local address anyway, as the source of its ARP requests and ICMP.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// The pods' IPv6 default gateway: a link-local address on the node side of every pod veth (the same on
+/// each, as link-local addresses are per link). Pods route `default via fe80::1 dev eth0`; the node
+/// answers neighbour solicitations for it on that veth.
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The node's own IPv6 address on `lo` ([`v6_twin`] of [`GATEWAY`]). Like [`GATEWAY`] for IPv4, it gives a
+/// lone node a global source for what it sends itself (host-network clients, ICMPv6 errors); without it
+/// the kernel would pick a link-local one, which a pod could answer only on that one link. Unlike
+/// 169.254.1.1 it is not link-local, so an agent reading node IPs from netlink (no `--node-ip`) counts it.
+pub const NODE_LO6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x169, 0x254, 1, 0, 0, 0, 1);
+
+/// The IPv6 twin of an IPv4 address in the lab's address plan (see the module docs): `a.b.c.d` →
+/// `fd00:a:b:c::d`, each decimal octet written as hex digits (`10.0.1.12` → `fd00:10:0:1::12`).
+/// Distinct IPv4 addresses have distinct twins, and addresses in one IPv4 `/24` share one IPv6 `/64`.
+pub fn v6_twin(v4: Ipv4Addr) -> Ipv6Addr {
+    // "12" read as hex is 0x12: the twin reads like the original. Three decimal digits fit a u16.
+    let digits = |octet: u8| u16::from_str_radix(&octet.to_string(), 16).unwrap_or_default();
+    let [a, b, c, d] = v4.octets();
+    Ipv6Addr::new(0xfd00, digits(a), digits(b), digits(c), 0, 0, 0, digits(d))
+}
+
+/// The IPv6 `/64` twin of the IPv4 `/24` holding `v4`, as a CIDR string (`10.0.1.0` → `fd00:10:0:1::/64`).
+pub fn v6_twin_net64(v4: Ipv4Addr) -> String {
+    let [a, b, c, _] = v4.octets();
+    format!("{}/64", v6_twin(Ipv4Addr::new(a, b, c, 0)))
+}
+
+/// Turns duplicate address detection off in namespace `ns` for every interface it has and will have. A
+/// tentative address cannot be bound or used as a source, and DAD takes a second per address.
+pub(crate) fn no_dad(ns: &str) -> anyhow::Result<()> {
+    sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")?;
+    sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
+}
+
+/// `ip -n NS addr add CIDR dev IFACE nodad`: an IPv6 address usable at once (see [`no_dad`]).
+pub(crate) fn add_addr6(ns: &str, cidr: &str, iface: &str) -> anyhow::Result<()> {
+    ip(&["-n", ns, "addr", "add", cidr, "dev", iface, "nodad"])?;
+    Ok(())
+}
 
 /// Default prefix of the node-side pod interfaces (`wp0`, `wp1`, ...).
 pub const DEFAULT_POD_IFACE_PREFIX: &str = "wp";
@@ -131,6 +196,11 @@ impl Lab {
             "lo",
         ])?;
         sysctl(&n, "net.ipv4.ip_forward", "1")?;
+        // Before any interface but lo exists, so every later one inherits the defaults.
+        no_dad(&n)?;
+        sysctl(&n, "net.ipv6.conf.all.forwarding", "1")?;
+        sysctl(&n, "net.ipv6.conf.default.forwarding", "1")?;
+        add_addr6(&n, &format!("{NODE_LO6}/128"), "lo")?;
         // Pod traffic arrives on one veth and leaves by another; rp_filter must not judge that. The
         // default value is inherited by the veths created later.
         sysctl(&n, "net.ipv4.conf.all.rp_filter", "0")?;
@@ -168,11 +238,17 @@ impl Lab {
         in_netns(self.node_netns(), f)
     }
 
-    /// Creates pod `name` with address `ip`: its own namespace, `eth0` holding `ip/32`, routes
-    /// `169.254.1.1 dev eth0` and `default via 169.254.1.1`; on the node `<prefix><index>` with
-    /// proxy_arp and a route `ip/32` to it. Pod names are lower-case letters, digits and dashes.
+    /// Creates pod `name` with address `ip` and its IPv6 twin ([`v6_twin`]): its own namespace, `eth0`
+    /// holding `ip/32` and `ip6/128`, routes `169.254.1.1 dev eth0`, `default via 169.254.1.1` and
+    /// `default via fe80::1 dev eth0`; on the node `<prefix><index>` with proxy_arp and `fe80::1/64`,
+    /// and routes `ip/32` and `ip6/128` to it. Pod names are lower-case letters, digits and dashes.
     pub fn add_pod(&self, name: &str, ip_addr: impl Into<Ipv4Addr>) -> anyhow::Result<Pod> {
         let addr: Ipv4Addr = ip_addr.into();
+        self.add_pod_dual(name, addr, v6_twin(addr))
+    }
+
+    /// [`Lab::add_pod`] with an explicit IPv6 address instead of the twin.
+    pub fn add_pod_dual(&self, name: &str, addr: Ipv4Addr, addr6: Ipv6Addr) -> anyhow::Result<Pod> {
         ensure!(
             !name.is_empty()
                 && name != "node"
@@ -182,11 +258,15 @@ impl Lab {
             "invalid pod name {name:?}: use [a-z0-9-], not \"node\""
         );
         let mut pods = lock(&self.pods);
-        if let Some(e) = pods.iter().find(|e| e.pod.name == name || e.pod.ip == addr) {
+        if let Some(e) = pods
+            .iter()
+            .find(|e| e.pod.name == name || e.pod.ip == addr || e.pod.ip6 == addr6)
+        {
             bail!(
-                "pod {name} {addr} clashes with existing pod {} {}",
+                "pod {name} {addr} {addr6} clashes with existing pod {} {} {}",
                 e.pod.name,
-                e.pod.ip
+                e.pod.ip,
+                e.pod.ip6
             );
         }
         let index = self.next_index.fetch_add(1, Ordering::Relaxed);
@@ -201,6 +281,7 @@ impl Lab {
             name: name.to_owned(),
             netns: netns.name().to_owned(),
             ip: addr,
+            ip6: addr6,
             node_iface: iface.clone(),
             shared: self.shared.clone(),
         };
@@ -212,7 +293,11 @@ impl Lab {
         drop(pods);
 
         let cidr = format!("{addr}/32");
+        let cidr6 = format!("{addr6}/128");
         let gw = GATEWAY.to_string();
+        let gw6 = GATEWAY6.to_string();
+        // Before eth0 arrives in the namespace, so it inherits accept_dad=0.
+        no_dad(&ns)?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         // Created directly in the node namespace with its peer directly in the pod's: nothing ever appears
         // in the host's own namespace.
@@ -222,7 +307,9 @@ impl Lab {
         sysctl(node, &format!("net.ipv4.conf.{iface}.proxy_arp"), "1")?;
         sysctl(node, &format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
         ip(&["-n", node, "link", "set", &iface, "up"])?;
+        add_addr6(node, &format!("{gw6}/64"), &iface)?;
         ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
+        add_addr6(&ns, &cidr6, "eth0")?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         // Pods put complete checksums on the wire (no offload to a veth that would never compute them),
         // so every receiver verifies them: a translation that breaks a checksum makes tests fail.
@@ -240,13 +327,19 @@ impl Lab {
         ip(&[
             "-n", &ns, "route", "add", "default", "via", &gw, "dev", "eth0",
         ])?;
+        // IPv6 routes need their device up (ENETDOWN otherwise): added after eth0 and the veth are.
+        ip(&[
+            "-n", &ns, "-6", "route", "add", "default", "via", &gw6, "dev", "eth0",
+        ])?;
         ip(&["-n", node, "route", "add", &cidr, "dev", &iface])?;
+        ip(&["-n", node, "-6", "route", "add", &cidr6, "dev", &iface])?;
         Ok(pod)
     }
 
     /// Creates a host outside the node, `name`, joined to it by a link: the node side is `iface`
-    /// holding `node_ip/24`, the host side `eth0` holding `host_ip/24` with a default route via
-    /// `node_ip`. It is a [`Pod`] for the test's purposes (run code in it, serve, connect); traffic from it
+    /// holding `node_ip/24` and its twin `/64` ([`v6_twin`]), the host side `eth0` holding `host_ip/24`
+    /// and its twin `/64`, with default routes via `node_ip` and its twin. It is a [`Pod`] for the
+    /// test's purposes (run code in it, serve, connect); traffic from it
     /// reaches the node the way traffic from another machine would, through `iface`.
     pub fn add_external_host(
         &self,
@@ -267,6 +360,7 @@ impl Lab {
             name: name.to_owned(),
             netns: netns.name().to_owned(),
             ip: host_ip,
+            ip6: v6_twin(host_ip),
             node_iface: iface.to_owned(),
             shared: self.shared.clone(),
         };
@@ -275,6 +369,7 @@ impl Lab {
             pod: pod.clone(),
             _netns: netns,
         });
+        no_dad(&ns)?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         ip(&[
             "-n", &node, "link", "add", iface, "type", "veth", "peer", "name", "eth0", "netns", &ns,
@@ -317,6 +412,18 @@ impl Lab {
             "default",
             "via",
             &node_ip.to_string(),
+        ])?;
+        add_addr6(&node, &format!("{}/64", v6_twin(node_ip)), iface)?;
+        add_addr6(&ns, &format!("{}/64", pod.ip6), "eth0")?;
+        ip(&[
+            "-n",
+            &ns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &v6_twin(node_ip).to_string(),
         ])?;
         Ok(pod)
     }
@@ -416,13 +523,15 @@ pub struct Pod {
     name: String,
     netns: String,
     ip: Ipv4Addr,
+    ip6: Ipv6Addr,
     node_iface: String,
     shared: Arc<Shared>,
 }
 
 impl Pod {
     /// A handle on an existing namespace `netns` whose backends belong to `shared`: how a
-    /// [`crate::cluster::Cluster`] hands out its outside hosts and node host networks as pods.
+    /// [`crate::cluster::Cluster`] hands out its outside hosts and node host networks as pods. Its IPv6
+    /// address is `ip`'s twin ([`v6_twin`]).
     pub(crate) fn new(
         name: &str,
         netns: &str,
@@ -434,6 +543,7 @@ impl Pod {
             name: name.to_owned(),
             netns: netns.to_owned(),
             ip,
+            ip6: v6_twin(ip),
             node_iface: node_iface.to_owned(),
             shared,
         }
@@ -447,6 +557,20 @@ impl Pod {
     /// The pod's address (on its `eth0`).
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The pod's IPv6 address (on its `eth0`; see the address plan in the module docs).
+    pub fn ip6(&self) -> Ipv6Addr {
+        self.ip6
+    }
+
+    /// The pod's address of `ip`'s family: [`Pod::ip`] for IPv4, [`Pod::ip6`] for IPv6. Lets a test
+    /// written once for both families check "the backend saw the client's own address".
+    pub fn ip_like(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => self.ip.into(),
+            IpAddr::V6(_) => self.ip6.into(),
+        }
     }
 
     /// The pod's namespace name.
@@ -465,26 +589,34 @@ impl Pod {
         in_netns(&self.netns, f)
     }
 
-    /// Starts a `protocol` backend on `0.0.0.0:port`, already listening when this returns.
+    /// Starts a `protocol` backend on `0.0.0.0:port` and IPv6-only `[::]:port` (one thread serves both),
+    /// already listening when this returns.
     pub fn serve(&self, protocol: Protocol, port: u16) -> anyhow::Result<()> {
         let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
         let (name, stop) = (self.name.clone(), self.shared.stop.clone());
         let context = || format!("{protocol:?} backend on {}:{port}", self.name);
         let handle = match protocol {
             Protocol::Udp => {
-                let socket = self.run(|| std::net::UdpSocket::bind(bind)).and_then(|r| r);
-                backend::spawn_udp(socket.with_context(context)?, name, stop)
+                let sockets = self
+                    .run(|| -> std::io::Result<_> {
+                        Ok(vec![
+                            std::net::UdpSocket::bind(bind)?,
+                            backend::bind_udp_v6only(port)?,
+                        ])
+                    })
+                    .and_then(|r| r);
+                backend::spawn_udp_sockets(sockets.with_context(context)?, name, stop)
             }
             Protocol::Tcp | Protocol::Http => {
-                let listener = self
-                    .run(|| std::net::TcpListener::bind(bind))
+                let listeners = self
+                    .run(|| -> std::io::Result<_> {
+                        Ok(vec![
+                            std::net::TcpListener::bind(bind)?,
+                            backend::listen_tcp_v6only(port)?,
+                        ])
+                    })
                     .and_then(|r| r);
-                let listener = listener.with_context(context)?;
-                if protocol == Protocol::Tcp {
-                    backend::spawn_tcp(listener, name, stop)
-                } else {
-                    backend::spawn_http(listener, name, stop)
-                }
+                backend::spawn_tcp_listeners(listeners.with_context(context)?, name, stop, protocol)
             }
         }
         .with_context(context)?;
@@ -587,5 +719,28 @@ impl Pod {
     ) -> Result<HttpResponse, ClientError> {
         let addr = addr.into();
         self.client("http get", addr, || client::http_get(addr, path, timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_twins_read_like_their_ipv4_addresses() {
+        let twin = |v4: [u8; 4]| v6_twin(v4.into()).to_string();
+        assert_eq!(twin([10, 0, 1, 12]), "fd00:10:0:1::12");
+        assert_eq!(twin([10, 0, 0, 10]), "fd00:10::10");
+        assert_eq!(twin([172, 30, 0, 100]), "fd00:172:30::100");
+        assert_eq!(twin([255, 255, 255, 255]), "fd00:255:255:255::255");
+        assert_eq!(v6_twin_net64([10, 0, 3, 0].into()), "fd00:10:0:3::/64");
+        assert_eq!(v6_twin(GATEWAY), NODE_LO6);
+        assert_eq!(
+            v6_twin(crate::scenario::CLUSTER_IP),
+            crate::scenario::CLUSTER_IP6
+        );
+        assert_eq!(v6_twin(crate::scenario::NODE_IP), crate::scenario::NODE_IP6);
+        // Distinct addresses, distinct twins (digits, not values: 10 and 16 must not meet at 0x10).
+        assert_ne!(twin([10, 0, 0, 16]), twin([10, 0, 0, 10]));
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::Context;
 
@@ -31,6 +31,15 @@ pub const CLIENT: (&str, [u8; 4]) = ("client", [10, 0, 0, 20]);
 /// `ip:port` on the standard ClusterIP.
 pub fn cluster_addr(port: u16) -> SocketAddr {
     SocketAddr::from((CLUSTER_IP, port))
+}
+
+/// The IPv6 ClusterIP that IPv6 and dual-stack tests give the standard Service: [`CLUSTER_IP`]'s twin in the
+/// lab's address plan ([`crate::lab::v6_twin`]). Like it, assigned nowhere.
+pub const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+
+/// `[ip6]:port` on [`CLUSTER_IP6`].
+pub fn cluster_addr6(port: u16) -> SocketAddr {
+    SocketAddr::from((CLUSTER_IP6, port))
 }
 
 /// Adds a pod that serves the standard TCP, UDP and HTTP backend ports.
@@ -151,6 +160,9 @@ impl fmt::Display for Tally {
 
 /// The node's address on the link to [`OUTSIDE`], where NodePorts answer for outside clients.
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
+/// The node's IPv6 address on the link to [`OUTSIDE`] ([`NODE_IP`]'s twin), given to that link by
+/// [`Lab::add_external_host`].
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x172, 0x30, 0, 0, 0, 0, 1);
 /// A host outside the node, `(name, address)`, reached through [`EXTERNAL_IFACE`].
 pub const OUTSIDE: (&str, [u8; 4]) = ("outside", [172, 30, 0, 2]);
 /// The node's interface towards [`OUTSIDE`] (the agent's `--external-iface`).

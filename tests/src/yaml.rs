@@ -1,7 +1,7 @@
 //! Kubernetes YAML for the agent's config directory: Services and EndpointSlices rendered as the API server
 //! would serve them, and multi-document joining.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// A YAML scalar for `s`: a JSON string is valid YAML and quotes everything that needs it.
 fn q(s: &str) -> String {
@@ -203,6 +203,138 @@ fn exposed_service_yaml(
     y
 }
 
+/// An IP family as Kubernetes spells it in `spec.ipFamilies` and an EndpointSlice's `addressType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    /// The family of `ip`.
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+
+    /// `IPv4` or `IPv6`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+}
+
+/// Gives a Service rendered by this module ([`service_yaml`], [`nodeport_service_yaml`],
+/// [`loadbalancer_service_yaml`]) with `clusterIP: cluster_ips[0]` the ClusterIPs `cluster_ips` (one
+/// or two, primary first, as the API server allocates them): `clusterIP` the primary, `clusterIPs` all,
+/// `ipFamilies` theirs in order, and `ipFamilyPolicy` `SingleStack` for one, `RequireDualStack` for two.
+/// Panics on a Service not rendered with `cluster_ips[0]` (a bug in the test).
+pub fn with_cluster_ips(service: &str, cluster_ips: &[IpAddr]) -> String {
+    assert!(
+        (1..=2).contains(&cluster_ips.len()),
+        "a Service has one or two ClusterIPs, not {cluster_ips:?}"
+    );
+    let primary = q(&cluster_ips[0].to_string());
+    let block =
+        format!("  clusterIP: {primary}\n  clusterIPs:\n  - {primary}\n  ipFamilies:\n  - IPv4\n");
+    assert!(
+        service.contains(&block),
+        "not a Service of this module with ClusterIP {primary}:\n{service}"
+    );
+    let policy = if cluster_ips.len() == 1 {
+        "SingleStack"
+    } else {
+        "RequireDualStack"
+    };
+    let mut dual = format!("  ipFamilyPolicy: {policy}\n  clusterIP: {primary}\n  clusterIPs:\n");
+    for ip in cluster_ips {
+        dual.push_str(&format!("  - {}\n", q(&ip.to_string())));
+    }
+    dual.push_str("  ipFamilies:\n");
+    for ip in cluster_ips {
+        dual.push_str(&format!("  - {}\n", IpFamily::of(*ip).as_str()));
+    }
+    service.replacen(&block, &dual, 1)
+}
+
+/// A `ClusterIP` Service with one or two ClusterIPs of any family: [`service_yaml`] through
+/// [`with_cluster_ips`]. A single IPv6 address makes a single-stack IPv6 Service.
+pub fn service_yaml_ips(
+    ns: &str,
+    name: &str,
+    cluster_ips: &[IpAddr],
+    ports: &[(&str, u16, &str, u16)],
+) -> String {
+    let primary = cluster_ips
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    with_cluster_ips(&service_yaml(ns, name, &primary, ports), cluster_ips)
+}
+
+/// A `NodePort` Service with one or two ClusterIPs of any family: [`nodeport_service_yaml`] through
+/// [`with_cluster_ips`]. Its node ports answer on the node IPs of its families.
+pub fn nodeport_service_yaml_ips(
+    ns: &str,
+    name: &str,
+    cluster_ips: &[IpAddr],
+    policy: TrafficPolicy,
+    ports: &[(&str, u16, &str, u16, u16)],
+) -> String {
+    let primary = cluster_ips
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    with_cluster_ips(
+        &nodeport_service_yaml(ns, name, &primary, policy, ports),
+        cluster_ips,
+    )
+}
+
+/// A discovery.k8s.io/v1 EndpointSlice of address type `family` for Service `service`, as
+/// [`endpointslice_yaml`] (ready endpoints are also serving, none terminating) but for either family and
+/// with an optional `nodeName` per endpoint: `endpoints` are `(address, nodeName, ready)`. Kubernetes
+/// keeps one family per slice, so a dual-stack Service has (at least) two; panics on an endpoint of the
+/// other family (a bug in the test).
+pub fn endpointslice_yaml_family(
+    ns: &str,
+    slice_name: &str,
+    service: &str,
+    family: IpFamily,
+    ports: &[(&str, u16, &str)],
+    endpoints: &[(IpAddr, Option<&str>, bool)],
+) -> String {
+    if let Some((ip, ..)) = endpoints
+        .iter()
+        .find(|(ip, ..)| IpFamily::of(*ip) != family)
+    {
+        panic!("endpoint {ip} in an {} slice", family.as_str());
+    }
+    let y = endpointslice_yaml(ns, slice_name, service, ports, &[]).replacen(
+        "addressType: IPv4\n",
+        &format!("addressType: {}\n", family.as_str()),
+        1,
+    );
+    if endpoints.is_empty() {
+        return y;
+    }
+    let mut list = String::from("endpoints:\n");
+    for (ip, node, ready) in endpoints {
+        list.push_str(&format!("- addresses:\n  - {}\n", q(&ip.to_string())));
+        if let Some(node) = node {
+            list.push_str(&format!("  nodeName: {}\n", q(node)));
+        }
+        list.push_str(&format!(
+            "  conditions:\n    ready: {ready}\n    serving: {ready}\n    terminating: false\n"
+        ));
+    }
+    y.replacen("endpoints: []\n", &list, 1)
+}
+
 /// Joins documents into one multi-document YAML stream.
 pub fn documents(docs: &[String]) -> String {
     let mut out = String::new();
@@ -361,6 +493,49 @@ mod tests {
             ingress.expect("ingress")[0].ip.as_deref(),
             Some("198.51.100.10")
         );
+    }
+
+    #[test]
+    fn dual_stack_services_and_ipv6_slices_decode_as_kubernetes_types() {
+        let v4: IpAddr = "10.96.0.10".parse().expect("v4");
+        let v6: IpAddr = "fd00:10:96::10".parse().expect("v6");
+        let ports = [("tcp", 80, "TCP", 8080, 30080)];
+        let y =
+            nodeport_service_yaml_ips("default", "web", &[v4, v6], TrafficPolicy::Cluster, &ports);
+        let svc: k8s_openapi::api::core::v1::Service = serde_yaml::from_str(&y).expect("Service");
+        let spec = svc.spec.expect("spec");
+        assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
+        assert_eq!(
+            spec.cluster_ips.expect("clusterIPs"),
+            ["10.96.0.10", "fd00:10:96::10"]
+        );
+        assert_eq!(spec.ip_families.expect("ipFamilies"), ["IPv4", "IPv6"]);
+        assert_eq!(spec.ip_family_policy.as_deref(), Some("RequireDualStack"));
+        assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+
+        let single = service_yaml_ips("default", "web6", &[v6], &[("tcp", 80, "TCP", 8080)]);
+        let svc: k8s_openapi::api::core::v1::Service =
+            serde_yaml::from_str(&single).expect("Service");
+        let spec = svc.spec.expect("spec");
+        assert_eq!(spec.cluster_ip.as_deref(), Some("fd00:10:96::10"));
+        assert_eq!(spec.ip_families.expect("ipFamilies"), ["IPv6"]);
+        assert_eq!(spec.ip_family_policy.as_deref(), Some("SingleStack"));
+
+        let pod6: IpAddr = "fd00:10::10".parse().expect("pod");
+        let slice = endpointslice_yaml_family(
+            "default",
+            "web-v6",
+            "web",
+            IpFamily::V6,
+            &[("tcp", 8080, "TCP")],
+            &[(pod6, Some("node-0"), true)],
+        );
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice =
+            serde_yaml::from_str(&slice).expect("EndpointSlice");
+        assert_eq!(slice.address_type, "IPv6");
+        let endpoints = slice.endpoints.expect("endpoints");
+        assert_eq!(endpoints[0].addresses, ["fd00:10::10"]);
+        assert_eq!(endpoints[0].node_name.as_deref(), Some("node-0"));
     }
 
     #[test]
