@@ -7,7 +7,8 @@ use crate::maps::{AFFINITY, MEMBERS};
 
 /// The backend for a new flow of `client`: the remembered one when fresh and still in the frontend's
 /// table, else `hashed` (Maglev's pick). Either way the choice is remembered with the current time.
-#[inline(always)]
+/// Out of line: its map key and value would otherwise sit in the new-flow path's frame.
+#[inline(never)]
 pub fn choose(frontend: &ServiceKey, svc: &ServiceValue, client: &Addr, hashed: u32) -> u32 {
     let key = AffinityKey {
         frontend: *frontend,

@@ -22,6 +22,17 @@ pub struct Entry {
     pub peer_port_be: u16,
 }
 
+impl Entry {
+    pub const NONE: Self = Self {
+        nat_addr: [0; 4],
+        nat_port_be: 0,
+        kind: 0,
+        backend_id: 0,
+        peer_addr: [0; 4],
+        peer_port_be: 0,
+    };
+}
+
 #[inline(always)]
 fn key4(t: &Tuple) -> CtKey {
     CtKey {
@@ -56,32 +67,38 @@ fn peer4(addr_be: u32) -> Addr {
     }
 }
 
-#[inline(always)]
-pub fn lookup(t: &Tuple) -> Option<Entry> {
+/// Fills `out` with the entry for `t` and returns true, or returns false. Out of line, and through an
+/// out-parameter: the map keys and values stay out of the caller's frame, and the BPF backend returns
+/// an aggregate as a pointer to the caller's stack, which the verifier refuses.
+#[inline(never)]
+pub fn lookup(t: &Tuple, out: &mut Entry) -> bool {
     if t.v6 {
+        let Some(v) = CONNTRACK6.get_ptr(key6(t)) else {
+            return false;
+        };
         // SAFETY: pointer from a successful lookup; CtValue6 is plain data, and a concurrent update
         // can at worst give a stale copy, which the callers' checks tolerate.
-        let v = unsafe { *CONNTRACK6.get_ptr(key6(t))? };
-        Some(Entry {
-            nat_addr: v.nat_addr_be,
-            nat_port_be: v.nat_port_be,
-            kind: v.kind,
-            backend_id: v.backend_id,
-            peer_addr: v.peer_addr_be,
-            peer_port_be: v.peer_port_be,
-        })
+        let v = unsafe { &*v };
+        out.nat_addr = v.nat_addr_be;
+        out.nat_port_be = v.nat_port_be;
+        out.kind = v.kind;
+        out.backend_id = v.backend_id;
+        out.peer_addr = v.peer_addr_be;
+        out.peer_port_be = v.peer_port_be;
     } else {
+        let Some(v) = CONNTRACK.get_ptr(key4(t)) else {
+            return false;
+        };
         // SAFETY: as above, for CtValue.
-        let v = unsafe { *CONNTRACK.get_ptr(key4(t))? };
-        Some(Entry {
-            nat_addr: v4_mapped(v.nat_addr_be),
-            nat_port_be: v.nat_port_be,
-            kind: v.kind,
-            backend_id: v.backend_id,
-            peer_addr: peer4(v.peer_addr_be),
-            peer_port_be: v.peer_port_be,
-        })
+        let v = unsafe { &*v };
+        out.nat_addr = v4_mapped(v.nat_addr_be);
+        out.nat_port_be = v.nat_port_be;
+        out.kind = v.kind;
+        out.backend_id = v.backend_id;
+        out.peer_addr = peer4(v.peer_addr_be);
+        out.peer_port_be = v.peer_port_be;
     }
+    true
 }
 
 #[inline(always)]
@@ -94,9 +111,8 @@ pub fn exists(t: &Tuple) -> bool {
 }
 
 /// An LRU insert only fails on allocation failure; callers go on (the next packet of the flow picks
-/// the same backend from the same Maglev table). Out of line: its map key and value would otherwise
-/// sit in the frame of the new-flow path.
-#[inline(never)]
+/// the same backend from the same Maglev table).
+#[inline(always)]
 pub fn insert(t: &Tuple, e: &Entry) {
     if t.v6 {
         let value = CtValue6 {

@@ -151,16 +151,23 @@ fn translate_error6(ctx: &TcContext) -> Option<i32> {
     let inner_daddr: Addr = ctx.load(INNER6_DADDR).ok()?;
     let ports: [u16; 2] = ctx.load(INNER6_L4).ok()?;
     // The quoted packet went client → backend; its reply direction is our reverse entry.
-    let entry = ct::lookup(&ct::Tuple {
-        saddr: inner_daddr,
-        daddr: inner_saddr,
-        sport_be: ports[1],
-        dport_be: ports[0],
-        proto: inner_next,
-        v6: true,
-        ihl: 0,
-        l4_off: 0,
-    })?;
+    let mut entry = ct::Entry::NONE;
+    let found = ct::lookup(
+        &ct::Tuple {
+            saddr: inner_daddr,
+            daddr: inner_saddr,
+            sport_be: ports[1],
+            dport_be: ports[0],
+            proto: inner_next,
+            v6: true,
+            ihl: 0,
+            l4_off: 0,
+        },
+        &mut entry,
+    );
+    if !found {
+        return None;
+    }
     if entry.kind != CT_REVERSE {
         return None;
     }

@@ -43,15 +43,14 @@ use crate::{
 /// client's request (to a frontend) and a backend's reply (to translate back) are seen before routing.
 #[classifier]
 pub fn weir_pod_ingress(ctx: TcContext) -> i32 {
-    // Fail open on what we cannot parse: it is not ours to drop.
-    ingress(&ctx, false).unwrap_or(TC_ACT_OK)
+    ingress(&ctx, false)
 }
 
 /// Ingress of an external interface: NodePort, externalIP and LoadBalancer traffic from outside the
 /// node, and replies from backends on other nodes.
 #[classifier]
 pub fn weir_ext_ingress(ctx: TcContext) -> i32 {
-    ingress(&ctx, true).unwrap_or(TC_ACT_OK)
+    ingress(&ctx, true)
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -95,56 +94,70 @@ pub fn weir_sock_getpeername6(ctx: SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn ingress(ctx: &TcContext, outside: bool) -> Result<i32, ()> {
+/// Every path returns a plain verdict: the BPF backend returns aggregates (a `Result`, an enum with data)
+/// through a pointer to the caller's stack, which the verifier refuses to see returned.
+fn ingress(ctx: &TcContext, outside: bool) -> i32 {
     let Some(flow) = packet::parse(ctx) else {
-        if let Some(verdict) = icmp::translate_error(ctx) {
-            return Ok(verdict);
-        }
-        // Fragments to a ClusterIP cannot be balanced (only the first carries ports): drop, counted,
-        // rather than let them wander to a node that has no route for a virtual address.
-        if let Some((proto, daddr)) = packet::fragment_destination(ctx) {
-            let any_port = ServiceKey {
-                addr_be: daddr,
-                port_be: 0,
-                proto,
-                pad: 0,
-            };
-            if SERVICES.get_ptr(any_port).is_some() {
-                count(STAT_DROP_FRAGMENT);
-                return Ok(TC_ACT_SHOT);
-            }
-        }
-        count(STAT_PASS_UNPARSED);
-        return Ok(TC_ACT_OK);
+        return unparsed(ctx);
     };
 
-    if let Some(entry) = ct::lookup(&flow) {
+    let mut entry = ct::Entry::NONE;
+    if ct::lookup(&flow, &mut entry) {
         if entry.kind == CT_REVERSE {
             return reply(ctx, &flow, &entry);
         }
         if entry.kind == CT_FORWARD && backend_still_valid(&entry) {
-            return established(ctx, &flow, &entry);
+            return forward(ctx, &flow, &entry, STAT_FWD_ESTABLISHED);
         }
         // A forward entry whose backend is gone falls through and is re-balanced like a new flow.
     }
     // Each path is its own subprogram and rejects are built at this level: the verifier limits the
     // stack of a whole call chain to 512 bytes.
-    match new_flow(ctx, &flow, outside)? {
-        NewFlow::Done(verdict) => Ok(verdict),
-        NewFlow::Reject => Ok(reject::reject(ctx, &flow)),
+    match new_flow(ctx, &flow, outside, &mut entry) {
+        NEW => {
+            track(&flow, &entry);
+            forward(ctx, &flow, &entry, STAT_FWD_NEW)
+        }
+        REJECT => reject::reject(ctx, &flow),
+        verdict => verdict,
     }
 }
 
-enum NewFlow {
-    Done(i32),
-    /// The frontend has no endpoint (or the ClusterIP no such port): answer with RST / ICMP.
-    Reject,
+/// Not a TCP/UDP packet we can parse: an ICMP error about one of our flows, a fragment to a frontend,
+/// or none of our business (it passes untouched: what we cannot parse is not ours to drop).
+#[inline(never)]
+fn unparsed(ctx: &TcContext) -> i32 {
+    if let Some(verdict) = icmp::translate_error(ctx) {
+        return verdict;
+    }
+    // Fragments to a ClusterIP cannot be balanced (only the first carries ports): drop, counted,
+    // rather than let them wander to a node that has no route for a virtual address.
+    if let Some((proto, daddr)) = packet::fragment_destination(ctx) {
+        let any_port = ServiceKey {
+            addr_be: daddr,
+            port_be: 0,
+            proto,
+            pad: 0,
+        };
+        if SERVICES.get_ptr(any_port).is_some() {
+            count(STAT_DROP_FRAGMENT);
+            return TC_ACT_SHOT;
+        }
+    }
+    count(STAT_PASS_UNPARSED);
+    TC_ACT_OK
 }
+
+/// `new_flow`'s answer when the frontend has no endpoint (or the ClusterIP no such port): answer with
+/// RST / ICMP. Not a TC verdict (those are small non-negative numbers, or -1).
+const REJECT: i32 = i32::MIN;
+/// `new_flow`'s answer when it chose a backend (the forward entry is filled in): record and forward.
+const NEW: i32 = i32::MIN + 1;
 
 /// A backend's reply: source back to the frontend (and destination back to the real client when the
 /// flow was hairpinned or SNATed).
 #[inline(never)]
-fn reply(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> Result<i32, ()> {
+fn reply(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> i32 {
     count(STAT_REVERSE_NAT);
     count_service(
         &ServiceKey {
@@ -162,15 +175,16 @@ fn reply(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> Result<i32, ()> {
     }
     let daddr = if peer { &entry.peer_addr } else { &flow.daddr };
     match done {
-        Ok(()) => Ok(fib::forward(ctx, &entry.nat_addr, daddr, flow.proto)),
+        Ok(()) => fib::forward(ctx, &entry.nat_addr, daddr, flow.proto),
         Err(e) => rewrite_or_drop(Err(e)),
     }
 }
 
-/// A packet of a flow already balanced: to the same backend.
+/// A packet of a flow already balanced (`stat` is `STAT_FWD_ESTABLISHED`), or the first one of a flow
+/// just recorded (`STAT_FWD_NEW`): to the entry's backend.
 #[inline(never)]
-fn established(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> Result<i32, ()> {
-    count(STAT_FWD_ESTABLISHED);
+fn forward(ctx: &TcContext, flow: &Flow, entry: &ct::Entry, stat: u32) -> i32 {
+    count(stat);
     count_service(
         &ServiceKey {
             addr_be: flow.daddr,
@@ -183,9 +197,11 @@ fn established(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> Result<i32, (
     forward_to_backend(ctx, flow, entry)
 }
 
-/// A packet that starts a flow: find its frontend, pick a backend, record the flow both ways, translate.
+/// A packet that starts a flow: find its frontend and pick a backend. Returns `NEW` with the forward
+/// entry in `out`, `REJECT`, or the verdict for the packet. Recording and translating are the caller's,
+/// each in its own subprogram: the verifier limits a call chain's stack to 512 bytes.
 #[inline(never)]
-fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool) -> Result<NewFlow, ()> {
+fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool, out: &mut ct::Entry) -> i32 {
     let svc_key = ServiceKey {
         addr_be: flow.daddr,
         port_be: flow.dport_be,
@@ -200,42 +216,43 @@ fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool) -> Result<NewFlow, ()> 
             ..svc_key
         };
         if SERVICES.get_ptr(any_port).is_some() {
-            return Ok(NewFlow::Reject);
+            return REJECT;
         }
         count(STAT_PASS_NOT_SERVICE);
-        return Ok(NewFlow::Done(TC_ACT_OK));
+        return TC_ACT_OK;
     };
-    // SAFETY: pointer from a successful lookup; ServiceValue is plain data and the agent replaces
-    // entries whole (one update per frontend), so the copy is a consistent value.
-    let svc = unsafe { *svc };
+    // SAFETY: pointer from a successful lookup, read in place (a copy would cost stack); ServiceValue
+    // is plain data and the agent replaces entries whole (one update per frontend), so it reads a
+    // consistent value.
+    let svc = unsafe { &*svc };
     // HTTPRoute: pods' TCP connections go to the L7 proxy, which balances per request.
     if svc.flags & SVC_FLAG_L7 != 0 && flow.proto == PROTO_TCP && !outside {
-        return Ok(NewFlow::Done(l7::steer(ctx, flow)));
+        return l7::steer(ctx, flow);
     }
     if svc.flags & SVC_FLAG_DROP != 0 {
         count(STAT_DROP_NO_LOCAL_ENDPOINT);
-        return Ok(NewFlow::Done(TC_ACT_SHOT));
+        return TC_ACT_SHOT;
     }
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(&svc_key, &flow.saddr) {
         count(STAT_DROP_SOURCE_RANGE);
-        return Ok(NewFlow::Done(TC_ACT_SHOT));
+        return TC_ACT_SHOT;
     }
     if svc.flags & SVC_FLAG_REJECT != 0 || svc.table_size == 0 {
-        return Ok(NewFlow::Reject);
+        return REJECT;
     }
 
-    let Some(hashed) = maps::maglev_slot(&svc, flow::hash(flow)) else {
+    let Some(hashed) = maps::maglev_slot(svc, flow::hash(flow)) else {
         count(STAT_DROP_NO_BACKEND);
-        return Ok(NewFlow::Done(TC_ACT_SHOT));
+        return TC_ACT_SHOT;
     };
     let backend_id = if svc.affinity_timeout_s != 0 {
-        affinity::choose(&svc_key, &svc, &flow.saddr, hashed)
+        affinity::choose(&svc_key, svc, &flow.saddr, hashed)
     } else {
         hashed
     };
     let Some(backend) = BACKENDS.get_ptr(backend_id) else {
         count(STAT_DROP_NO_BACKEND);
-        return Ok(NewFlow::Done(TC_ACT_SHOT));
+        return TC_ACT_SHOT;
     };
     // The backend is read through the map's pointer, not copied to the stack: a whole-struct copy
     // between two stack slots LLVM aligned to 16 bytes crashes the BPF backend ("unsupported memcpy
@@ -261,14 +278,13 @@ fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool) -> Result<NewFlow, ()> 
             }
             None => {
                 count(STAT_DROP_SNAT_EXHAUSTED);
-                return Ok(NewFlow::Done(TC_ACT_SHOT));
+                return TC_ACT_SHOT;
             }
         }
     } else {
         ([0; 4], 0)
     };
-    let peer = !ct::is_none(&peer_addr);
-    let forward = ct::Entry {
+    *out = ct::Entry {
         nat_addr: backend.addr_be,
         nat_port_be: backend.port_be,
         kind: CT_FORWARD,
@@ -276,11 +292,24 @@ fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool) -> Result<NewFlow, ()> 
         peer_addr,
         peer_port_be: peer_port,
     };
+    NEW
+}
+
+/// Records a new flow both ways: `forward` for its packets, and the reverse entry its backend's replies
+/// will hit. Out of line: the reverse key and entry, and the map key and value of each insert, would
+/// otherwise sit in the new-flow path's frame (the verifier limits a call chain to 512 bytes).
+#[inline(never)]
+fn track(flow: &Flow, forward: &ct::Entry) {
+    let peer = !ct::is_none(&forward.peer_addr);
     let reverse_key = ct::Tuple {
-        saddr: backend.addr_be,
-        daddr: if peer { peer_addr } else { flow.saddr },
-        sport_be: backend.port_be,
-        dport_be: if peer { peer_port } else { flow.sport_be },
+        saddr: forward.nat_addr,
+        daddr: if peer { forward.peer_addr } else { flow.saddr },
+        sport_be: forward.nat_port_be,
+        dport_be: if peer {
+            forward.peer_port_be
+        } else {
+            flow.sport_be
+        },
         proto: flow.proto,
         v6: flow.v6,
         ihl: 0,
@@ -290,15 +319,12 @@ fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool) -> Result<NewFlow, ()> 
         nat_addr: flow.daddr,
         nat_port_be: flow.dport_be,
         kind: CT_REVERSE,
-        backend_id,
+        backend_id: forward.backend_id,
         peer_addr: if peer { flow.saddr } else { [0; 4] },
         peer_port_be: if peer { flow.sport_be } else { 0 },
     };
     ct::insert(&reverse_key, &reverse);
-    ct::insert(flow, &forward);
-    count(STAT_FWD_NEW);
-    count_service(&svc_key, ctx.len());
-    forward_to_backend(ctx, flow, &forward).map(NewFlow::Done)
+    ct::insert(flow, forward);
 }
 
 /// When the backend is reached through an external interface (it lives on another node), this node's
@@ -326,19 +352,14 @@ fn remote_via_ext(ctx: &TcContext, flow: &Flow, backend: &Addr) -> Option<Addr> 
 /// on with a FIB redirect (the node's routes would otherwise see a hairpin leave where it came in, and
 /// a node address as source is a martian to its input path).
 #[inline(always)]
-fn forward_to_backend(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> Result<i32, ()> {
+fn forward_to_backend(ctx: &TcContext, flow: &Flow, entry: &ct::Entry) -> i32 {
     let done = nat::dnat(ctx, flow, &entry.nat_addr, entry.nat_port_be);
     if ct::is_none(&entry.peer_addr) {
         return rewrite_or_drop(done);
     }
     let done = done.and_then(|()| nat::snat(ctx, flow, &entry.peer_addr, entry.peer_port_be));
     match done {
-        Ok(()) => Ok(fib::forward(
-            ctx,
-            &entry.peer_addr,
-            &entry.nat_addr,
-            flow.proto,
-        )),
+        Ok(()) => fib::forward(ctx, &entry.peer_addr, &entry.nat_addr, flow.proto),
         Err(e) => rewrite_or_drop(Err(e)),
     }
 }
@@ -369,13 +390,13 @@ fn backend_still_valid(entry: &ct::Entry) -> bool {
     }
 }
 
-fn rewrite_or_drop(result: Result<(), i64>) -> Result<i32, ()> {
+fn rewrite_or_drop(result: Result<(), i64>) -> i32 {
     match result {
-        Ok(()) => Ok(TC_ACT_OK),
+        Ok(()) => TC_ACT_OK,
         Err(_) => {
             // A half-rewritten packet must never leave: its checksum or address would be wrong.
             count(STAT_DROP_REWRITE_FAILED);
-            Ok(TC_ACT_SHOT)
+            TC_ACT_SHOT
         }
     }
 }

@@ -19,7 +19,7 @@ const IP6_DADDR_OFF: usize = ETH_HLEN + 24;
 pub fn dnat(ctx: &TcContext, flow: &Flow, addr: &Addr, port_be: u16) -> Result<(), i64> {
     let addr_off = if flow.v6 { IP6_DADDR_OFF } else { IP_DADDR_OFF };
     rewrite_addr(ctx, flow, addr_off, &flow.daddr, addr)?;
-    rewrite_port(ctx, flow, flow.l4_off + 2, flow.dport_be, port_be)
+    rewrite_port(ctx, flow, flow.l4_off as usize + 2, flow.dport_be, port_be)
 }
 
 /// Source NAT: backend → frontend on a reply, client → this node (or the hairpin address) on a request.
@@ -27,7 +27,7 @@ pub fn dnat(ctx: &TcContext, flow: &Flow, addr: &Addr, port_be: u16) -> Result<(
 pub fn snat(ctx: &TcContext, flow: &Flow, addr: &Addr, port_be: u16) -> Result<(), i64> {
     let addr_off = if flow.v6 { IP6_SADDR_OFF } else { IP_SADDR_OFF };
     rewrite_addr(ctx, flow, addr_off, &flow.saddr, addr)?;
-    rewrite_port(ctx, flow, flow.l4_off, flow.sport_be, port_be)
+    rewrite_port(ctx, flow, flow.l4_off as usize, flow.sport_be, port_be)
 }
 
 /// A UDP checksum of 0 means "none" and must stay 0; MANGLED_0 also avoids writing a computed 0.

@@ -69,7 +69,7 @@ const PROTO_ICMPV6: u8 = 58;
 #[inline(never)]
 pub fn reject(ctx: &TcContext, flow: &Flow) -> i32 {
     // Headers with IPv4 options are rare from pods; building replies for them is not worth the code.
-    if flow.ihl != IPV4_MIN_HLEN {
+    if !flow.v6 && flow.ihl as usize != IPV4_MIN_HLEN {
         count(STAT_DROP_REJECT_FAILED);
         return TC_ACT_SHOT;
     }

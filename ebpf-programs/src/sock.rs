@@ -30,21 +30,36 @@ fn ours(ctx: &SockAddrContext) -> bool {
 
 /// The address the call names, in the maps' form. A dual-stack IPv6 socket addressing an IPv4 frontend
 /// names it IPv4-mapped, which is already that form.
+///
+/// The context is accessed one 32-bit word at a time (volatile, so LLVM cannot merge the words into a
+/// `memcpy`, which would walk the context pointer byte by byte: the verifier only allows fixed offsets
+/// into it).
 #[inline(always)]
 fn user_addr(sa: &aya_ebpf::bindings::bpf_sock_addr, v6: bool) -> Addr {
-    if v6 {
-        sa.user_ip6
-    } else {
-        v4_mapped(sa.user_ip4)
+    if !v6 {
+        return v4_mapped(sa.user_ip4);
     }
+    let mut addr = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: `i < 4` indexes inside the context's `user_ip6` array.
+        addr[i] = unsafe { core::ptr::read_volatile(&sa.user_ip6[i]) };
+        i += 1;
+    }
+    addr
 }
 
 #[inline(always)]
 fn set_user_addr(sa: &mut aya_ebpf::bindings::bpf_sock_addr, v6: bool, addr: &Addr) {
-    if v6 {
-        sa.user_ip6 = *addr;
-    } else {
+    if !v6 {
         sa.user_ip4 = addr[3];
+        return;
+    }
+    let mut i = 0;
+    while i < 4 {
+        // SAFETY: `i < 4` indexes inside the context's `user_ip6` array.
+        unsafe { core::ptr::write_volatile(&mut sa.user_ip6[i], addr[i]) };
+        i += 1;
     }
 }
 
