@@ -334,9 +334,7 @@ fn frontend_name(key: &weir_common::ServiceKey) -> String {
         weir_common::PROTO_UDP => "UDP".to_owned(),
         other => other.to_string(),
     };
-    let addr = std::net::SocketAddr::new(
-        weir_common::ip_of(&key.addr_be),
-        u16::from_be(key.port_be),
-    );
+    let addr =
+        std::net::SocketAddr::new(weir_common::ip_of(&key.addr_be), u16::from_be(key.port_be));
     format!("{addr}/{proto}")
 }

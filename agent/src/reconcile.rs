@@ -47,11 +47,8 @@ pub trait MapWriter {
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
     fn put_source_range(&mut self, key: ServiceKey, range: (IpAddr, u8)) -> Result<(), MapError>;
     /// Idempotent.
-    fn delete_source_range(
-        &mut self,
-        key: ServiceKey,
-        range: (IpAddr, u8),
-    ) -> Result<(), MapError>;
+    fn delete_source_range(&mut self, key: ServiceKey, range: (IpAddr, u8))
+    -> Result<(), MapError>;
     /// Removes the conntrack entries of flows to these (deleted) frontends; returns how many.
     fn purge_flows(&mut self, frontends: &BTreeSet<ServiceKey>) -> Result<usize, MapError>;
 }

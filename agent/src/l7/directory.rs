@@ -98,12 +98,8 @@ impl ServiceDirectory {
                         protocol: Protocol::Tcp,
                     };
                     if let Some(state) = desired.frontends.get(&frontend) {
-                        endpoints.extend(
-                            state
-                                .backends
-                                .iter()
-                                .map(|b| SocketAddr::new(b.ip, b.port)),
-                        );
+                        endpoints
+                            .extend(state.backends.iter().map(|b| SocketAddr::new(b.ip, b.port)));
                     }
                 }
                 dir.set_endpoints(svc.id.clone(), port.port, endpoints);

@@ -254,7 +254,10 @@ fn node_ports_answer_on_every_node_ip_and_external_ips_on_the_service_port() {
         .expect("valid")
         .expect("ours");
     let node = NodeContext {
-        ips: vec![Ipv4Addr::new(172, 30, 0, 1).into(), Ipv4Addr::new(172, 31, 0, 1).into()],
+        ips: vec![
+            Ipv4Addr::new(172, 30, 0, 1).into(),
+            Ipv4Addr::new(172, 31, 0, 1).into(),
+        ],
         ..NodeContext::default()
     };
     let d = desired([&spec], [&sl], &node);

@@ -306,11 +306,7 @@ impl Rig {
             let std::net::IpAddr::V4(ip) = weir_common::ip_of(&k.addr_be) else {
                 continue;
             };
-            frontends.insert((
-                ip,
-                u16::from_be(k.port_be),
-                k.proto,
-            ));
+            frontends.insert((ip, u16::from_be(k.port_be), k.proto));
         }
         let backends_map: BpfHashMap<_, u32, Backend> =
             BpfHashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?))?;
@@ -320,11 +316,7 @@ impl Rig {
             let std::net::IpAddr::V4(ip) = weir_common::ip_of(&b.addr_be) else {
                 continue;
             };
-            backends.insert((
-                ip,
-                u16::from_be(b.port_be),
-                b.proto,
-            ));
+            backends.insert((ip, u16::from_be(b.port_be), b.proto));
         }
         let conntrack = BpfHashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))?;
         Ok(Self {

@@ -10,8 +10,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, MapType, PerCpuArray};
 use weir_common::{
-    Backend, CtKey, CtKey6, CtValue, CtValue6, MAP_BACKENDS, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_MAGLEV, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_STATS, ServiceKey, ServiceValue, TABLE_CHUNK_SLOTS, TableChunk,
+    Backend, CtKey, CtKey6, CtValue, CtValue6, MAP_BACKENDS, MAP_CONNTRACK, MAP_CONNTRACK6,
+    MAP_MAGLEV, MAP_SERVICE_STATS, MAP_SERVICES, MAP_STATS, ServiceKey, ServiceValue,
+    TABLE_CHUNK_SLOTS, TableChunk,
 };
 
 use crate::view::MapFill;

@@ -81,8 +81,7 @@ impl Names {
         let mut by_addr = HashMap::new();
         for (i, f) in state.frontends.iter().enumerate() {
             // An entry we cannot key (an unknown protocol) only goes unnamed.
-            let (Ok(ip), Some(proto)) = (f.ip.parse::<IpAddr>(), proto_number(&f.protocol))
-            else {
+            let (Ok(ip), Some(proto)) = (f.ip.parse::<IpAddr>(), proto_number(&f.protocol)) else {
                 continue;
             };
             by_addr.insert((ip, f.port, proto), i);
@@ -219,10 +218,7 @@ pub enum Selector {
     /// `namespace/name`: needs the agent's names.
     Service(String),
     /// `ip:port[/proto]`: works from the maps alone.
-    Frontend {
-        addr: SocketAddr,
-        proto: Option<u8>,
-    },
+    Frontend { addr: SocketAddr, proto: Option<u8> },
 }
 
 impl Selector {
