@@ -381,9 +381,9 @@ fn source_allowed(frontend: &ServiceKey, client: &Addr) -> bool {
 /// A forward entry may outlive its backend (removed from the Service); its id may even have been reused.
 fn backend_still_valid(entry: &ct::Entry) -> bool {
     match BACKENDS.get_ptr(entry.backend_id) {
-        // SAFETY: pointer from a successful lookup; Backend is plain data.
         Some(b) => {
-            let b = unsafe { *b };
+            // SAFETY: pointer from a successful lookup, read in place; Backend is plain data.
+            let b = unsafe { &*b };
             b.addr_be == entry.nat_addr && b.port_be == entry.nat_port_be
         }
         None => false,
