@@ -122,6 +122,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         datapath
             .attach(index, iface, Hook::External)
             .with_context(|| format!("--external-iface {iface}"))?;
+        if !args.no_xdp {
+            // The TC program already serves the interface: without native XDP it simply has all of
+            // the work, so a driver that cannot run XDP is not an error.
+            if let Err(e) = datapath.attach_xdp(index, iface) {
+                warn!(iface = %iface, "no XDP fast path, TC serves this interface alone: {e:#}");
+            }
+        }
     }
     if !args.no_socket_lb {
         match bpffs::ensure_cgroup2(&args.cgroup_root) {

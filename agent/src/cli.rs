@@ -75,6 +75,11 @@ pub struct Args {
     #[arg(long)]
     pub no_socket_lb: bool,
 
+    /// Do not put the XDP fast path (native mode) on the external interfaces: their TC program then
+    /// does all the work, in the stack.
+    #[arg(long)]
+    pub no_xdp: bool,
+
     /// Port of the L7 proxy for Services with a Gateway API HTTPRoute (pods' connections to them are
     /// steered to it by the datapath); 0 disables it (such Services' TCP ports then drop).
     #[arg(long, value_name = "PORT", default_value_t = 15001)]

@@ -15,9 +15,10 @@ use aya::{
         lpm_trie::Key as LpmKey,
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use tracing::{info, warn};
@@ -25,7 +26,7 @@ use weir_common::{
     Backend, CONFIG_L7_PORT, CONFIG_NETNS_COOKIE, CtKey, CtKey6, CtValue, CtValue6, ExtIface,
     MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_EXT_IFACES,
     MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS,
-    MemberKey, PROG_EXT_INGRESS, PROG_POD_INGRESS, PROG_SOCK_CONNECT4, PROG_SOCK_CONNECT6,
+    MemberKey, PROG_EXT_INGRESS, PROG_EXT_XDP, PROG_POD_INGRESS, PROG_SOCK_CONNECT4, PROG_SOCK_CONNECT6,
     PROG_SOCK_GETPEERNAME4, PROG_SOCK_GETPEERNAME6, PROG_SOCK_RECVMSG4, PROG_SOCK_RECVMSG6,
     PROG_SOCK_SENDMSG4, PROG_SOCK_SENDMSG6, SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT,
     ServiceCounters, ServiceKey, ServiceValue, SourceRangeKey, TABLE_CHUNK_SLOTS, TableChunk,
@@ -130,6 +131,8 @@ pub struct Datapath {
     ext_ifaces: HashMap<MapData, u32, ExtIface>,
     links_dir: PathBuf,
     attached: StdHashMap<u32, Attachment>,
+    /// The XDP fast path's links on external interfaces, by ifindex (pinned as `ext-xdp-<ifindex>`).
+    xdp: StdHashMap<u32, Attachment>,
 }
 
 /// Typed handles on the pinned maps, moved to the reconciler.
@@ -196,6 +199,23 @@ impl Datapath {
                 })?;
             prog.load().map_err(|source| DatapathError::Program {
                 context: format!("verifying {name}"),
+                source,
+            })?;
+        }
+        {
+            let prog: &mut Xdp = ebpf
+                .program_mut(PROG_EXT_XDP)
+                .ok_or(DatapathError::Missing {
+                    what: "program",
+                    name: PROG_EXT_XDP,
+                })?
+                .try_into()
+                .map_err(|source| DatapathError::Program {
+                    context: format!("{PROG_EXT_XDP} is not an XDP program"),
+                    source,
+                })?;
+            prog.load().map_err(|source| DatapathError::Program {
+                context: format!("verifying {PROG_EXT_XDP}"),
                 source,
             })?;
         }
@@ -303,6 +323,7 @@ impl Datapath {
                 ext_ifaces,
                 links_dir,
                 attached: StdHashMap::new(),
+                xdp: StdHashMap::new(),
             },
             maps,
             stats,
@@ -497,6 +518,83 @@ impl Datapath {
         Ok(Attached::New)
     }
 
+    /// Puts the XDP fast path in front of the TC program of an external interface, in native (driver)
+    /// mode. A link pinned by a previous agent gets its program replaced atomically; otherwise a new
+    /// link is created and pinned (`links/ext-xdp-<ifindex>`), so the fast path survives a crash like
+    /// the TC links do. An error (a driver without native XDP) leaves the interface to TC alone.
+    pub fn attach_xdp(&mut self, index: u32, name: &str) -> Result<Attached, DatapathError> {
+        if self.xdp.contains_key(&index) {
+            return Ok(Attached::Already);
+        }
+        let pin = self.links_dir.join(format!("{XDP_PIN_PREFIX}{index}"));
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROG_EXT_XDP)
+            .ok_or(DatapathError::Missing {
+                what: "program",
+                name: PROG_EXT_XDP,
+            })?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                context: format!("{PROG_EXT_XDP} is not an XDP program"),
+                source,
+            })?;
+        let adopted = if pin.exists() {
+            match adopt_xdp_link(prog, &pin) {
+                Ok(link) => Some(link),
+                Err(e) => {
+                    warn!(iface = name, index, "cannot adopt pinned XDP link ({e}); attaching anew");
+                    let _ = std::fs::remove_file(&pin);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let (link, attached) = match adopted {
+            Some(link) => (link, Attached::Replaced),
+            None => {
+                let id = prog
+                    .attach_to_if_index(index, XdpMode::Driver)
+                    .map_err(|source| DatapathError::Program {
+                        context: format!("attaching {PROG_EXT_XDP} to {name} (native mode)"),
+                        source,
+                    })?;
+                let link: FdLink = prog
+                    .take_link(id)
+                    .map_err(|source| DatapathError::Program {
+                        context: format!("taking the XDP link of {name}"),
+                        source,
+                    })?
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Io {
+                        context: format!("the XDP link of {name} is not an fd link"),
+                        source: io::Error::other(e.to_string()),
+                    })?;
+                let link = FdLink::from(link.pin(&pin).map_err(|e| DatapathError::Io {
+                    context: format!("pinning the XDP link of {name} at {}", pin.display()),
+                    source: io::Error::other(e.to_string()),
+                })?);
+                (link, Attached::New)
+            }
+        };
+        self.xdp.insert(
+            index,
+            Attachment {
+                name: name.to_owned(),
+                link,
+                pin,
+            },
+        );
+        info!(iface = name, index, program = PROG_EXT_XDP, ?attached, "XDP attached (native)");
+        Ok(attached)
+    }
+
+    /// Interfaces with the XDP fast path.
+    pub fn xdp_count(&self) -> usize {
+        self.xdp.len()
+    }
+
     /// Forgets an interface that is gone: the kernel already released the attachment with the device.
     pub fn forget(&mut self, index: u32) {
         if let Some(a) = self.attached.remove(&index) {
@@ -517,9 +615,11 @@ impl Datapath {
                 .and_then(|n| {
                     n.strip_prefix(Hook::Pod.pin_prefix())
                         .or_else(|| n.strip_prefix(Hook::External.pin_prefix()))
+                        .or_else(|| n.strip_prefix(XDP_PIN_PREFIX))
                 })
                 .and_then(|n| n.parse::<u32>().ok());
-            if index.is_none_or(|i| !self.attached.contains_key(&i)) {
+            let known = |i: u32| self.attached.contains_key(&i) || self.xdp.contains_key(&i);
+            if index.is_none_or(|i| !known(i)) {
                 info!(pin = %entry.path().display(), "removing the pinned link of a vanished interface");
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -532,6 +632,10 @@ impl Datapath {
 
     /// Detaches from every interface (SIGTERM path): unpinning and closing the last fd releases each link.
     pub fn detach_all(&mut self) {
+        for (index, a) in self.xdp.drain() {
+            info!(iface = %a.name, index, "XDP detached");
+            release(a);
+        }
         for (index, a) in self.attached.drain() {
             info!(iface = %a.name, index, "detached");
             release(a);
@@ -580,6 +684,19 @@ fn release(a: Attachment) {
         warn!(pin = %a.pin.display(), "cannot remove link pin: {e}");
     }
     drop(a.link);
+}
+
+/// Pin name prefix of the XDP links (`ext-xdp-<ifindex>`).
+const XDP_PIN_PREFIX: &str = "ext-xdp-";
+
+fn adopt_xdp_link(prog: &mut Xdp, pin: &Path) -> Result<FdLink, String> {
+    let pinned = PinnedLink::from_pin(pin).map_err(|e| e.to_string())?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+    let id = prog.attach_to_link(link).map_err(|e| e.to_string())?;
+    prog.take_link(id)
+        .map_err(|e| e.to_string())?
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| e.to_string())
 }
 
 fn adopt_link(prog: &mut SchedClassifier, pin: &Path) -> Result<FdLink, String> {

@@ -35,6 +35,8 @@ pub const MAP_SERVICE_STATS: &str = "WEIR_SVC_STATS";
 pub const PROG_POD_INGRESS: &str = "weir_pod_ingress";
 /// Name of the TC program attached to the node's external interfaces (`--external-iface`).
 pub const PROG_EXT_INGRESS: &str = "weir_ext_ingress";
+/// Name of the XDP program attached (native mode) to the external interfaces, in front of the TC one.
+pub const PROG_EXT_XDP: &str = "weir_ext_xdp";
 /// External interfaces: ifindex → this node's addresses on it ([`ExtIface`]), the source used when
 /// outside traffic is SNATed towards a backend on another node.
 pub const MAP_EXT_IFACES: &str = "WEIR_EXT_IFACES";
@@ -226,7 +228,12 @@ pub const STAT_L7_STEERED: u32 = 16;
 pub const STAT_DROP_L7_NO_PROXY: u32 = 17;
 /// A TCP RST to a frontend that rejects: never answered (RFC 793), dropped.
 pub const STAT_DROP_RESET_TO_REJECTING: u32 = 18;
-pub const STAT_COUNT: u32 = 19;
+/// Packets the XDP fast path translated and sent back out itself (also counted by their kind:
+/// `forward_new`, `forward_established`, `reverse_nat`).
+pub const STAT_XDP_FORWARDED: u32 = 19;
+/// Packets the XDP fast path left to the stack (and the TC program).
+pub const STAT_XDP_PASS: u32 = 20;
+pub const STAT_COUNT: u32 = 21;
 /// Size of `MAP_STATS`: room for counters added later, so a pinned map survives an upgrade that adds one.
 pub const STAT_SLOTS: u32 = 64;
 
@@ -251,6 +258,8 @@ pub const STAT_NAMES: [&str; STAT_COUNT as usize] = [
     "l7_steered",
     "drop_l7_no_proxy",
     "drop_reset_to_rejecting",
+    "xdp_forwarded",
+    "xdp_pass",
 ];
 
 /// A frontend: the address a client connects to.

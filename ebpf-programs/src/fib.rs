@@ -14,7 +14,10 @@ use aya_ebpf::{
 
 use weir_common::{Addr, is_v4_mapped};
 
-use crate::packet::{ETH_HLEN, Flow};
+use crate::{
+    hook::Hook,
+    packet::{ETH_HLEN, Flow},
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -25,13 +28,12 @@ const IP6_HOP_LIMIT_OFF: usize = ETH_HLEN + 7;
 /// Lookup parameters for a packet from `saddr` to `daddr` (IPv4 ones in their mapped form, which is
 /// how the family is told) entering on the skb's interface.
 #[inline(always)]
-fn params(ctx: &TcContext, saddr: &Addr, daddr: &Addr, proto: u8) -> FibParams {
+fn params<C: Hook>(ctx: &C, saddr: &Addr, daddr: &Addr, proto: u8) -> FibParams {
     let v6 = !is_v4_mapped(daddr);
     // SAFETY: FibParams is a plain C struct of integers and unions of integers; all-zero is valid.
     let mut params: FibParams = unsafe { mem::zeroed() };
     params.l4_protocol = proto;
-    // SAFETY: ctx.skb.skb is the live __sk_buff this program was called with.
-    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.ifindex = ctx.ifindex();
     if v6 {
         params.family = AF_INET6;
         params.__bindgen_anon_3.ipv6_src = *saddr;
@@ -91,12 +93,12 @@ pub fn forward(ctx: &TcContext, saddr: &Addr, daddr: &Addr, proto: u8) -> i32 {
 /// The interface the FIB would send `flow`'s packets to `daddr` out of, or `None` when it cannot say
 /// (local, no route). Few arguments: a BPF function takes at most five, the return slot included.
 #[inline(never)]
-pub fn egress_ifindex(ctx: &TcContext, flow: &Flow, daddr: &Addr) -> Option<u32> {
+pub fn egress_ifindex<C: Hook>(ctx: &C, flow: &Flow, daddr: &Addr) -> Option<u32> {
     let mut params = params(ctx, &flow.saddr, daddr, flow.proto);
     // SAFETY: the helper reads and writes only `params`, whose size we pass.
     let ret = unsafe {
         bpf_fib_lookup(
-            ctx.skb.skb.cast(),
+            ctx.raw(),
             &mut params,
             mem::size_of::<FibParams>() as i32,
             0,
@@ -131,4 +133,13 @@ fn decrement_hop_limit(ctx: &TcContext) -> Result<(), i64> {
         return Err(-1);
     }
     ctx.store(IP6_HOP_LIMIT_OFF, &(hop - 1), 0)
+}
+
+/// A FIB lookup for a packet from `saddr` to `daddr`: the result code and the parameters (egress
+/// interface, MAC addresses) for the caller to act on.
+#[inline(always)]
+pub fn lookup<C: Hook>(ctx: &C, saddr: &Addr, daddr: &Addr, proto: u8, out: &mut FibParams) -> u32 {
+    *out = params(ctx, saddr, daddr, proto);
+    // SAFETY: the helper reads and writes only `out`, whose size we pass.
+    (unsafe { bpf_fib_lookup(ctx.raw(), out, mem::size_of::<FibParams>() as i32, 0) }) as u32
 }

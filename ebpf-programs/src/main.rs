@@ -8,6 +8,7 @@ mod csum;
 mod ct;
 mod fib;
 mod flow;
+mod hook;
 mod icmp;
 mod l7;
 mod maps;
@@ -17,12 +18,13 @@ mod reject;
 mod snat;
 mod sock;
 mod stats;
+mod xdp;
 
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use weir_common::{
     Addr, CT_FORWARD, CT_REVERSE, HAIRPIN_ADDR, HAIRPIN_ADDR6, PROTO_TCP,
@@ -34,6 +36,7 @@ use weir_common::{
 };
 
 use crate::{
+    hook::Hook,
     maps::{BACKENDS, EXT_IFACES, SERVICES, SOURCE_RANGES},
     packet::Flow,
     stats::{count, count_service},
@@ -51,6 +54,13 @@ pub fn weir_pod_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn weir_ext_ingress(ctx: TcContext) -> i32 {
     ingress(&ctx, true)
+}
+
+/// The fast path of an external interface (native XDP): see `xdp.rs`. What it passes, the TC program on
+/// the same interface handles.
+#[xdp]
+pub fn weir_ext_xdp(ctx: XdpContext) -> u32 {
+    xdp::ingress(&ctx) as u32
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -201,7 +211,7 @@ fn forward(ctx: &TcContext, flow: &Flow, entry: &ct::Entry, stat: u32) -> i32 {
 /// entry in `out`, `REJECT`, or the verdict for the packet. Recording and translating are the caller's,
 /// each in its own subprogram: the verifier limits a call chain's stack to 512 bytes.
 #[inline(never)]
-fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool, out: &mut ct::Entry) -> i32 {
+fn new_flow<C: Hook>(ctx: &C, flow: &Flow, outside: bool, out: &mut ct::Entry) -> i32 {
     let svc_key = ServiceKey {
         addr_be: flow.daddr,
         port_be: flow.dport_be,
@@ -219,7 +229,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool, out: &mut ct::Entry) ->
             return REJECT;
         }
         count(STAT_PASS_NOT_SERVICE);
-        return TC_ACT_OK;
+        return C::PASS;
     };
     // SAFETY: pointer from a successful lookup, read in place (a copy would cost stack); ServiceValue
     // is plain data and the agent replaces entries whole (one update per frontend), so it reads a
@@ -227,15 +237,15 @@ fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool, out: &mut ct::Entry) ->
     let svc = unsafe { &*svc };
     // HTTPRoute: pods' TCP connections go to the L7 proxy, which balances per request.
     if svc.flags & SVC_FLAG_L7 != 0 && flow.proto == PROTO_TCP && !outside {
-        return l7::steer(ctx, flow);
+        return ctx.steer_l7(flow);
     }
     if svc.flags & SVC_FLAG_DROP != 0 {
         count(STAT_DROP_NO_LOCAL_ENDPOINT);
-        return TC_ACT_SHOT;
+        return C::DROP;
     }
     if svc.flags & SVC_FLAG_SOURCE_RANGES != 0 && !source_allowed(&svc_key, &flow.saddr) {
         count(STAT_DROP_SOURCE_RANGE);
-        return TC_ACT_SHOT;
+        return C::DROP;
     }
     if svc.flags & SVC_FLAG_REJECT != 0 || svc.table_size == 0 {
         return REJECT;
@@ -243,7 +253,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool, out: &mut ct::Entry) ->
 
     let Some(hashed) = maps::maglev_slot(svc, flow::hash(flow)) else {
         count(STAT_DROP_NO_BACKEND);
-        return TC_ACT_SHOT;
+        return C::DROP;
     };
     let backend_id = if svc.affinity_timeout_s != 0 {
         affinity::choose(&svc_key, svc, &flow.saddr, hashed)
@@ -252,7 +262,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool, out: &mut ct::Entry) ->
     };
     let Some(backend) = BACKENDS.get_ptr(backend_id) else {
         count(STAT_DROP_NO_BACKEND);
-        return TC_ACT_SHOT;
+        return C::DROP;
     };
     // The backend is read through the map's pointer, not copied to the stack: a whole-struct copy
     // between two stack slots LLVM aligned to 16 bytes crashes the BPF backend ("unsupported memcpy
@@ -278,7 +288,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, outside: bool, out: &mut ct::Entry) ->
             }
             None => {
                 count(STAT_DROP_SNAT_EXHAUSTED);
-                return TC_ACT_SHOT;
+                return C::DROP;
             }
         }
     } else {
@@ -330,11 +340,10 @@ fn track(flow: &Flow, forward: &ct::Entry) {
 /// When the backend is reached through an external interface (it lives on another node), this node's
 /// address (of the flow's family) on the interface the request came in on, to SNAT to.
 #[inline(always)]
-fn remote_via_ext(ctx: &TcContext, flow: &Flow, backend: &Addr) -> Option<Addr> {
+fn remote_via_ext<C: Hook>(ctx: &C, flow: &Flow, backend: &Addr) -> Option<Addr> {
     let egress = fib::egress_ifindex(ctx, flow, backend)?;
     EXT_IFACES.get_ptr(egress)?;
-    // SAFETY: ctx.skb.skb is the live __sk_buff this program was called with.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let ingress = ctx.ifindex();
     // SAFETY: pointer from a successful lookup; ExtIface is plain data.
     let addrs = unsafe { *EXT_IFACES.get_ptr(ingress)? };
     let node = if flow.v6 {

@@ -1,6 +1,5 @@
 //! Header parsing: direct packet access for fixed offsets, each preceded by a bounds check against
 //! `data_end`; bounds-checked helper loads for the variable-offset L4 header.
-use aya_ebpf::programs::TcContext;
 use weir_common::{Addr, PROTO_TCP, PROTO_UDP, v4_mapped};
 
 pub const ETH_HLEN: usize = 14;
@@ -30,10 +29,12 @@ pub struct Flow {
     pub l4_off: u16,
 }
 
+use crate::hook::Hook;
+
 /// # Safety
 /// `offset + size_of::<T>()` must have been checked against `data_end`.
 #[inline(always)]
-unsafe fn read<T: Copy>(ctx: &TcContext, offset: usize) -> T {
+unsafe fn read<T: Copy, C: Hook>(ctx: &C, offset: usize) -> T {
     // SAFETY: the caller checked that the read stays inside [data, data_end).
     unsafe { core::ptr::read_unaligned((ctx.data() + offset) as *const T) }
 }
@@ -42,7 +43,7 @@ unsafe fn read<T: Copy>(ctx: &TcContext, offset: usize) -> T {
 /// unfragmented IPv4 or IPv6 TCP or UDP packet (IPv6 with extension headers included): those pass
 /// untouched.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Flow> {
+pub fn parse<C: Hook>(ctx: &C) -> Option<Flow> {
     if ctx.data() + ETH_HLEN + IPV4_MIN_HLEN > ctx.data_end() {
         return None;
     }
@@ -81,10 +82,10 @@ pub fn parse(ctx: &TcContext) -> Option<Flow> {
     let l4_off = ETH_HLEN + ihl;
     // The L4 offset varies with the IPv4 options, and LLVM re-derives variable packet pointers in ways
     // the verifier cannot follow; the skb length check plus a bounds-checked helper load are robust.
-    if (ctx.len() as usize) < l4_off + l4_min {
+    if (ctx.pkt_len() as usize) < l4_off + l4_min {
         return None;
     }
-    let ports: [u16; 2] = ctx.load(l4_off).ok()?;
+    let ports: [u16; 2] = ctx.load(l4_off)?;
     Some(Flow {
         saddr: v4_mapped(saddr_be),
         daddr: v4_mapped(daddr_be),
@@ -101,7 +102,7 @@ pub fn parse(ctx: &TcContext) -> Option<Flow> {
 /// traffic, and a packet carrying them passes untouched (fragments to a frontend are caught by
 /// `fragment_destination`).
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext) -> Option<Flow> {
+fn parse_ipv6<C: Hook>(ctx: &C) -> Option<Flow> {
     let l4_off = ETH_HLEN + IPV6_HLEN;
     if ctx.data() + l4_off > ctx.data_end() {
         return None;
@@ -109,8 +110,8 @@ fn parse_ipv6(ctx: &TcContext) -> Option<Flow> {
     // SAFETY: the whole IPv6 header was bounds-checked just above.
     let (version, next) = unsafe {
         (
-            read::<u8>(ctx, ETH_HLEN) >> 4,
-            read::<u8>(ctx, ETH_HLEN + 6),
+            read::<u8, C>(ctx, ETH_HLEN) >> 4,
+            read::<u8, C>(ctx, ETH_HLEN + 6),
         )
     };
     if version != 6 {
@@ -118,16 +119,16 @@ fn parse_ipv6(ctx: &TcContext) -> Option<Flow> {
     }
     // One helper copy of both addresses: unaligned direct reads would be 32 byte loads, spilled all
     // over a stack the verifier limits.
-    let [saddr, daddr]: [Addr; 2] = ctx.load(ETH_HLEN + 8).ok()?;
+    let [saddr, daddr]: [Addr; 2] = ctx.load(ETH_HLEN + 8)?;
     let l4_min = match next {
         PROTO_TCP => 20,
         PROTO_UDP => 8,
         _ => return None,
     };
-    if (ctx.len() as usize) < l4_off + l4_min {
+    if (ctx.pkt_len() as usize) < l4_off + l4_min {
         return None;
     }
-    let ports: [u16; 2] = ctx.load(l4_off).ok()?;
+    let ports: [u16; 2] = ctx.load(l4_off)?;
     Some(Flow {
         saddr,
         daddr,
@@ -144,15 +145,15 @@ fn parse_ipv6(ctx: &TcContext) -> Option<Flow> {
 /// after the first carry no ports, so no fragment can be balanced; the caller decides whether it is
 /// addressed to a frontend.
 #[inline(always)]
-pub fn fragment_destination(ctx: &TcContext) -> Option<(u8, Addr)> {
+pub fn fragment_destination<C: Hook>(ctx: &C) -> Option<(u8, Addr)> {
     if ctx.data() + ETH_HLEN + IPV6_HLEN + 8 <= ctx.data_end() {
         // SAFETY: bytes [0, ETH_HLEN + 48) were bounds-checked just above.
         let (eth_proto, next, inner_next, daddr) = unsafe {
             (
-                read::<u16>(ctx, 12),
-                read::<u8>(ctx, ETH_HLEN + 6),
-                read::<u8>(ctx, ETH_HLEN + IPV6_HLEN),
-                read::<Addr>(ctx, ETH_HLEN + 24),
+                read::<u16, C>(ctx, 12),
+                read::<u8, C>(ctx, ETH_HLEN + 6),
+                read::<u8, C>(ctx, ETH_HLEN + IPV6_HLEN),
+                read::<Addr, C>(ctx, ETH_HLEN + 24),
             )
         };
         if eth_proto == ETH_P_IPV6_BE {
@@ -166,11 +167,11 @@ pub fn fragment_destination(ctx: &TcContext) -> Option<(u8, Addr)> {
     // SAFETY: bytes [0, ETH_HLEN + 20) were bounds-checked just above.
     let (eth_proto, version_ihl, frag, proto, daddr) = unsafe {
         (
-            read::<u16>(ctx, 12),
-            read::<u8>(ctx, ETH_HLEN),
-            read::<u16>(ctx, ETH_HLEN + 6),
-            read::<u8>(ctx, ETH_HLEN + 9),
-            read::<u32>(ctx, ETH_HLEN + 16),
+            read::<u16, C>(ctx, 12),
+            read::<u8, C>(ctx, ETH_HLEN),
+            read::<u16, C>(ctx, ETH_HLEN + 6),
+            read::<u8, C>(ctx, ETH_HLEN + 9),
+            read::<u32, C>(ctx, ETH_HLEN + 16),
         )
     };
     let is_fragment =

@@ -110,6 +110,9 @@ pub struct Cluster {
     shared: Arc<Shared>,
     /// Held while a name or address is checked and taken, so concurrent adds cannot both take it.
     naming: Mutex<()>,
+    /// XDP pass programs on the fabric ends of the uplinks (see [`crate::xdp_pass`]); detached when
+    /// the cluster drops.
+    xdp_pass: Mutex<Vec<crate::xdp_pass::XdpPass>>,
 }
 
 impl Cluster {
@@ -127,6 +130,7 @@ impl Cluster {
             labs: Vec::with_capacity(nodes),
             fabric: None,
             outside: Mutex::new(Vec::new()),
+            xdp_pass: Mutex::new(Vec::new()),
             shared: Arc::default(),
             naming: Mutex::new(()),
         };
@@ -227,6 +231,13 @@ impl Cluster {
         )?;
         ip(&["-n", fabric, "link", "set", port, "master", BRIDGE])?;
         ip(&["-n", fabric, "link", "set", port, "up"])?;
+        // The agents' XDP fast path sends NodePort traffic for backends on other nodes back out of the
+        // uplink (XDP_TX), which a veth delivers only to a peer that runs XDP as well.
+        let pass = crate::xdp_pass::attach(fabric, port)?;
+        self.xdp_pass
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(pass);
         Ok(())
     }
 

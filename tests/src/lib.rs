@@ -19,6 +19,7 @@ pub mod lab;
 pub mod netns;
 pub mod packet;
 pub mod scenario;
+pub mod xdp_pass;
 pub mod yaml;
 
 pub use agent::{Agent, agent_binary};
