@@ -16,8 +16,10 @@ pub mod client;
 pub mod cluster;
 pub mod http;
 pub mod lab;
+pub mod metrics;
 pub mod netns;
 pub mod packet;
+pub mod raw;
 pub mod scenario;
 pub mod yaml;
 
