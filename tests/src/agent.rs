@@ -72,6 +72,17 @@ impl<'lab> Agent<'lab> {
     /// [extra_args]`, stdout and stderr into a log file in the lab's dir. `ip netns exec` execs the agent,
     /// so the child's pid is the agent's.
     pub fn start(lab: &'lab Lab, extra_args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_wrapped(lab, &[], extra_args)
+    }
+
+    /// [`Agent::start`] with `wrapper` (a program and its arguments, e.g. `setpriv ... --`) between
+    /// `ip netns exec <node>` and the agent, to run it with fewer privileges. The wrapper must exec the
+    /// agent, so the child's pid stays the agent's.
+    pub fn start_wrapped(
+        lab: &'lab Lab,
+        wrapper: &[&str],
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let bin = agent_binary()?;
         let bpffs = lab.bpffs_dir()?;
         let log_path = lab.next_agent_log();
@@ -83,7 +94,9 @@ impl<'lab> Agent<'lab> {
             .parse()
             .context("--health-addr is not an IP:port")?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", lab.node_netns()]).arg(&bin);
+        cmd.args(["netns", "exec", lab.node_netns()])
+            .args(wrapper)
+            .arg(&bin);
         // Standalone from the lab's config dir unless the test picks Kubernetes mode.
         if flag_value(extra_args, "--kubeconfig").is_none() {
             cmd.arg("--config-dir").arg(lab.config_dir());

@@ -122,6 +122,24 @@ impl ApiServer {
     /// Serves on an already bound listener, from a background thread running its own tokio runtime.
     pub fn from_listener(listener: std::net::TcpListener) -> anyhow::Result<Self> {
         let addr = listener.local_addr().context("listener address")?;
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store::default()),
+            log: Mutex::new(Vec::new()),
+            token: TOKEN.to_owned(),
+            reachable: AtomicBool::new(true),
+            addr,
+        });
+        let mut server = Self {
+            shared,
+            shutdown: None,
+            thread: None,
+        };
+        server.serve(listener)?;
+        Ok(server)
+    }
+
+    fn serve(&mut self, listener: std::net::TcpListener) -> anyhow::Result<()> {
+        let addr = self.shared.addr;
         listener
             .set_nonblocking(true)
             .context("make the listener non-blocking")?;
@@ -133,15 +151,8 @@ impl ApiServer {
             let _guard = runtime.enter();
             tokio::net::TcpListener::from_std(listener).context("register the listener")?
         };
-        let shared = Arc::new(Shared {
-            store: Mutex::new(Store::default()),
-            log: Mutex::new(Vec::new()),
-            token: TOKEN.to_owned(),
-            reachable: AtomicBool::new(true),
-            addr,
-        });
         let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
-        let serving = shared.clone();
+        let serving = self.shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("apiserver-{addr}"))
             .spawn(move || {
@@ -150,11 +161,48 @@ impl ApiServer {
                 drop(runtime);
             })
             .context("spawn the simulator thread")?;
-        Ok(Self {
-            shared,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
-        })
+        self.shutdown = Some(shutdown);
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    /// Stops serving as a stopped API server process would: the listening socket and every connection
+    /// (open watches included) are closed, so clients get "connection refused" until
+    /// [`restart_in_netns`](Self::restart_in_netns). The objects and their history are kept (etcd
+    /// outlives the API server), and [`apply`](Self::apply) still changes them meanwhile.
+    pub fn stop(&mut self) {
+        // Abort the watch streams first so their connections end as cut, not as completed watches.
+        self.drop_watches();
+        self.shut_down();
+    }
+
+    /// Listens again on the same address inside `netns` (where it was started), serving the same
+    /// objects and history: an API server back after an outage. A no-op while it is serving.
+    pub fn restart_in_netns(&mut self, netns: &str) -> anyhow::Result<()> {
+        if self.thread.is_some() {
+            return Ok(());
+        }
+        let addr = self.shared.addr;
+        let listener = crate::netns::in_netns(netns, || std::net::TcpListener::bind(addr))
+            .and_then(|bound| bound)
+            .with_context(|| format!("bind {addr} again in netns {netns}"))?;
+        self.serve(listener)
+    }
+
+    /// True between a start or restart and a [`stop`](Self::stop).
+    pub fn is_serving(&self) -> bool {
+        self.thread.is_some()
+    }
+
+    fn shut_down(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            eprintln!("weir-tests: the API server simulator thread panicked");
+        }
     }
 
     /// Where it listens.
@@ -310,14 +358,7 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(thread) = self.thread.take()
-            && thread.join().is_err()
-        {
-            eprintln!("weir-tests: the API server simulator thread panicked");
-        }
+        self.shut_down();
     }
 }
 

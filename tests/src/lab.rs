@@ -244,11 +244,43 @@ impl Lab {
     /// and routes `ip/32` and `ip6/128` to it. Pod names are lower-case letters, digits and dashes.
     pub fn add_pod(&self, name: &str, ip_addr: impl Into<Ipv4Addr>) -> anyhow::Result<Pod> {
         let addr: Ipv4Addr = ip_addr.into();
-        self.add_pod_dual(name, addr, v6_twin(addr))
+        self.add_pod_with_iface(name, addr, v6_twin(addr), None)
     }
 
     /// [`Lab::add_pod`] with an explicit IPv6 address instead of the twin.
     pub fn add_pod_dual(&self, name: &str, addr: Ipv4Addr, addr6: Ipv6Addr) -> anyhow::Result<Pod> {
+        self.add_pod_with_iface(name, addr, addr6, None)
+    }
+
+    /// Deletes pod `name` as a CNI DEL does: its node-side veth (which takes the peer with it), then its
+    /// namespace. Backends it served keep their sockets in the orphaned namespace, unreachable, until
+    /// the lab drops. Returns the deleted pod's handle.
+    pub fn delete_pod(&self, name: &str) -> anyhow::Result<Pod> {
+        let mut pods = lock(&self.pods);
+        let Some(at) = pods.iter().position(|e| e.pod.name == name) else {
+            bail!("lab {} has no pod named {name:?}", self.id);
+        };
+        let pod = pods[at].pod.clone();
+        // The veth first: the namespace itself lives on while the old backends' sockets hold it.
+        ip(&["-n", self.node_netns(), "link", "del", &pod.node_iface])?;
+        // Dropping the entry deletes the namespace's name, so a new pod can take it.
+        pods.remove(at);
+        Ok(pod)
+    }
+
+    /// Creates a deleted pod again with the same name, addresses and node-side interface name (CNI
+    /// plugins derive it from the pod's identity), but a new namespace and veth, so a new ifindex.
+    pub fn recreate_pod(&self, old: &Pod) -> anyhow::Result<Pod> {
+        self.add_pod_with_iface(&old.name, old.ip, old.ip6, Some(old.node_iface.clone()))
+    }
+
+    fn add_pod_with_iface(
+        &self,
+        name: &str,
+        addr: Ipv4Addr,
+        addr6: Ipv6Addr,
+        iface: Option<String>,
+    ) -> anyhow::Result<Pod> {
         ensure!(
             !name.is_empty()
                 && name != "node"
@@ -269,8 +301,10 @@ impl Lab {
                 e.pod.ip6
             );
         }
-        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
-        let iface = format!("{}{index}", self.prefix);
+        let iface = iface.unwrap_or_else(|| {
+            let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+            format!("{}{index}", self.prefix)
+        });
         ensure!(
             iface.len() <= MAX_IFNAME,
             "interface name {iface} is too long"
