@@ -26,10 +26,11 @@ use weir_common::{
     Backend, CONFIG_L7_PORT, CONFIG_NETNS_COOKIE, CtKey, CtKey6, CtValue, CtValue6, ExtIface,
     MAP_AFFINITY, MAP_BACKENDS, MAP_CONFIG, MAP_CONNTRACK, MAP_CONNTRACK6, MAP_EXT_IFACES,
     MAP_MAGLEV, MAP_MEMBERS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_SOURCE_RANGES, MAP_STATS,
-    MemberKey, PROG_EXT_INGRESS, PROG_EXT_XDP, PROG_POD_INGRESS, PROG_SOCK_CONNECT4, PROG_SOCK_CONNECT6,
-    PROG_SOCK_GETPEERNAME4, PROG_SOCK_GETPEERNAME6, PROG_SOCK_RECVMSG4, PROG_SOCK_RECVMSG6,
-    PROG_SOCK_SENDMSG4, PROG_SOCK_SENDMSG6, SOURCE_RANGE_FRONTEND_BITS, STAT_COUNT,
-    ServiceCounters, ServiceKey, ServiceValue, SourceRangeKey, TABLE_CHUNK_SLOTS, TableChunk,
+    MemberKey, PROG_EXT_INGRESS, PROG_EXT_XDP, PROG_POD_INGRESS, PROG_SOCK_CONNECT4,
+    PROG_SOCK_CONNECT6, PROG_SOCK_GETPEERNAME4, PROG_SOCK_GETPEERNAME6, PROG_SOCK_RECVMSG4,
+    PROG_SOCK_RECVMSG6, PROG_SOCK_SENDMSG4, PROG_SOCK_SENDMSG6, SOURCE_RANGE_FRONTEND_BITS,
+    STAT_COUNT, ServiceCounters, ServiceKey, ServiceValue, SourceRangeKey, TABLE_CHUNK_SLOTS,
+    TableChunk,
 };
 
 use crate::reconcile::{Adopted, MapError, MapWriter};
@@ -543,7 +544,10 @@ impl Datapath {
             match adopt_xdp_link(prog, &pin) {
                 Ok(link) => Some(link),
                 Err(e) => {
-                    warn!(iface = name, index, "cannot adopt pinned XDP link ({e}); attaching anew");
+                    warn!(
+                        iface = name,
+                        index, "cannot adopt pinned XDP link ({e}); attaching anew"
+                    );
                     let _ = std::fs::remove_file(&pin);
                     None
                 }
@@ -586,7 +590,13 @@ impl Datapath {
                 pin,
             },
         );
-        info!(iface = name, index, program = PROG_EXT_XDP, ?attached, "XDP attached (native)");
+        info!(
+            iface = name,
+            index,
+            program = PROG_EXT_XDP,
+            ?attached,
+            "XDP attached (native)"
+        );
         Ok(attached)
     }
 

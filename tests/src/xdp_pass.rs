@@ -109,7 +109,11 @@ pub fn attach(netns: &str, iface: &str) -> anyhow::Result<XdpPass> {
         let name = std::ffi::CString::new(iface_owned.as_str())?;
         // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
         let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        anyhow::ensure!(index != 0, "no interface {iface_owned}: {}", io::Error::last_os_error());
+        anyhow::ensure!(
+            index != 0,
+            "no interface {iface_owned}: {}",
+            io::Error::last_os_error()
+        );
         let mut link = LinkCreateAttr {
             prog_fd: prog.as_raw_fd() as u32,
             target_ifindex: index,
