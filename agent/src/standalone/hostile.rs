@@ -112,11 +112,11 @@ fn adversarial_objects_are_refused_naming_file_object_and_field_or_programmed_as
             Err(vec!["spec.clusterIP", "invalid IP"]),
         ),
         (
-            "mixed families: the IPv4 one is served",
+            "dual-stack: both families are served",
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec:\n  clusterIP: fd00::2\n  \
              clusterIPs: [fd00::2, 10.96.0.2]\n  ports: [{port: 80}]\n"
                 .to_owned(),
-            Ok(vec!["10.96.0.2:80/TCP"]),
+            Ok(vec!["10.96.0.2:80/TCP", "[fd00::2]:80/TCP"]),
         ),
         (
             "bad second family",
@@ -453,9 +453,8 @@ fn random_service(rng: &mut StdRng, n: usize) -> (String, Option<BTreeSet<String
             valid = false;
         }
         ports.push(format!("{{name: p{i}, port: {port}, protocol: {proto}}}"));
-        let v4 = ip.parse::<Ipv4Addr>().ok();
-        if let Some(v4) = v4 {
-            frontends.insert(format!("{v4}:{port}/{proto}"));
+        if let (Ok(ip), Ok(port)) = (ip.parse::<IpAddr>(), port.parse::<u16>()) {
+            frontends.insert(format!("{}/{proto}", std::net::SocketAddr::new(ip, port)));
         }
     }
     let mut text = format!(
