@@ -2,6 +2,11 @@
 //! with the verdict, the output bytes (built here, with checksums computed by the test's own routine)
 //! and the `WEIR_STATS` counters it must move (and no other).
 //!
+//! The rig's Services are dual-stack: module `v6` holds the IPv6 fixtures (same runner, same exact-bytes
+//! and counter checks, IPv6 pseudo-header and ICMPv6 checksums verified by `frame.rs`). Fixtures that
+//! show datapath bugs found while writing them are `#[ignore]`d with the bug in their doc and reason
+//! (`--include-ignored` runs them); they expect the correct behaviour.
+//!
 //! There is no XDP program yet (external interfaces run the TC program), so there is no XDP table.
 //! VLAN: on a real interface the tag is usually taken out of the frame by the driver (skb metadata) and
 //! the program sees the inner frame; BPF_PROG_TEST_RUN keeps it in the frame, so these fixtures only
@@ -159,6 +164,17 @@ fn check(rig: &Rig, f: &Fixture) -> Result<(), String> {
 /// Checksums of a rewritten frame, by the test's own routines.
 fn checksum_problems(out: &[u8]) -> Vec<String> {
     let mut p = Vec::new();
+    if out.len() >= ETH_HLEN + 40 && u16::from_be_bytes([out[12], out[13]]) == ETH_P_IPV6 {
+        // No header checksum; TCP/UDP and ICMPv6 cover the addresses through the pseudo-header.
+        if let Some(l4) = frame::parse(out) {
+            if frame::packet_sum(out, &l4) == Sum::Invalid {
+                p.push("L4 checksum (IPv6 pseudo-header) invalid".to_owned());
+            }
+        } else if out[ETH_HLEN + 6] == PROTO_ICMPV6 && frame::icmp6_sum(out) == Sum::Invalid {
+            p.push("ICMPv6 checksum invalid".to_owned());
+        }
+        return p;
+    }
     if u16::from_be_bytes([out[12], out[13]]) != ETH_P_IP {
         return p;
     }
@@ -442,7 +458,12 @@ fn not_ours(prog: Prog) -> Vec<Fixture> {
         }),
     ];
     for (name, f) in ipv6_frames() {
-        v.push(Fixture::unparsed(name, prog, f));
+        // An IPv6 TCP packet is parsed now; to an address that is no frontend it is not ours.
+        v.push(if name == "ipv6_tcp" {
+            Fixture::not_service("ipv6_tcp_to_other_ip", prog, f)
+        } else {
+            Fixture::unparsed(name, prog, f)
+        });
     }
     for ihl in 0..5u8 {
         let mut f = frame::tcp4(c, sa(ONE_VIP, 80), TCP_SYN);
@@ -1066,4 +1087,1181 @@ fn a_wrong_expectation_fails() {
         bad_sum[ETH_HLEN + 36] ^= 1;
         assert!(!checksum_problems(&bad_sum).is_empty());
     });
+}
+
+/// The IPv6 half: the same exact-bytes coverage for IPv6 frames to the rig's dual-stack Services.
+/// IPv6 has no header checksum (TCP, UDP and ICMPv6 cover the addresses through the pseudo-header),
+/// a router decrements the hop limit, rejects are a RST or an ICMPv6 port unreachable (type 1 code 4),
+/// and path MTU is learnt from "packet too big" (type 2) alone.
+mod v6 {
+    use std::collections::BTreeSet;
+    use std::net::{Ipv6Addr, SocketAddrV6};
+
+    use weir_tests::packet::frame::{
+        self, ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IPV6, ICMP6_QUOTE, IPV6_DEST_OPTS,
+        IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_ROUTING, Ip6, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+        TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Tcp,
+    };
+    use weir_tests::packet::rig::{
+        BACKEND_PORT, BACKEND_UDP_PORT, EMPTY_VIP6, EXTERNAL_IP6, HAIRPIN6, LB_IP6, LOCAL_BACKEND6,
+        LOCAL_NODE_PORT, LOCAL_NODE_PORT_UDP, MANY_BACKENDS, MANY_BACKENDS6, MANY_VIP, MANY_VIP6,
+        NODE_IP6, ONE_BACKEND6, ONE_VIP, ONE_VIP6, POD_ROUTER6, Prog, REMOTE_BACKEND6,
+        REMOTE_NODE_PORT, TC_ACT_REDIRECT, TC_ACT_SHOT, with_rig,
+    };
+
+    use super::{Expect, Fixture, run_all, swap_macs, truncated, vlan};
+
+    pub fn sa6(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
+        SocketAddrV6::new(ip, port, 0, 0)
+    }
+
+    /// A pod client (fd00:10::20); each fixture that must be a new flow takes its own port.
+    pub fn client6(port: u16) -> SocketAddrV6 {
+        sa6(Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 0x20), port)
+    }
+
+    /// A client outside the cluster, routed via ext0.
+    fn outside6(port: u16) -> SocketAddrV6 {
+        sa6(Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 7), port)
+    }
+
+    const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+
+    /// The frame as a router forwards it: hop limit decremented (nothing else: no header checksum).
+    /// The neighbour is unresolved on the rig's veths, so `bpf_redirect_neigh` leaves the MACs.
+    fn routed6(mut f: Vec<u8>) -> Vec<u8> {
+        f[ETH_HLEN + 7] -= 1;
+        f
+    }
+
+    /// RFC 793 reset for `tcp` (sent from `client` to `frontend`), as the datapath builds it: from the
+    /// frontend, hop limit 64, traffic class and flow label 0, window 0, no options.
+    fn expected_rst6(client: SocketAddrV6, frontend: SocketAddrV6, tcp_in: &Tcp) -> Vec<u8> {
+        let mut tcp = Tcp::new(frontend.port(), client.port(), 0);
+        tcp.window = 0;
+        if tcp_in.flags & TCP_ACK != 0 {
+            tcp.seq = tcp_in.ack;
+            tcp.ack = 0;
+            tcp.flags = TCP_RST;
+        } else {
+            let seg_len = tcp_in.payload.len() as u32
+                + u32::from(tcp_in.flags & TCP_SYN != 0)
+                + u32::from(tcp_in.flags & TCP_FIN != 0);
+            tcp.seq = 0;
+            tcp.ack = tcp_in.seq.wrapping_add(seg_len);
+            tcp.flags = TCP_RST | TCP_ACK;
+        }
+        swap_macs(frame::tcp6_with(frontend, client, &tcp, |_| {}))
+    }
+
+    /// ICMPv6 port unreachable for an IPv6 UDP frame, quoting its IPv6 header and UDP header.
+    fn expected_port_unreachable6(udp_frame: &[u8]) -> Vec<u8> {
+        let quote = &udp_frame[ETH_HLEN..ETH_HLEN + 48];
+        swap_macs(frame::icmp6(
+            frame::ipv6_dst(udp_frame),
+            frame::ipv6_src(udp_frame),
+            1,
+            4,
+            [0; 4],
+            quote,
+        ))
+    }
+
+    /// An ICMPv6 error about a translated flow as the client must receive it: the quote's destination
+    /// back to the frontend, its source (and the outer destination) back to the client when the flow
+    /// was SNATed (`peer`), the outer source the frontend when the backend sent it, the ICMPv6 checksum
+    /// recomputed, hop limit decremented (FIB redirect). The quoted L4 checksum is left as it was: the
+    /// datapath does not touch it (a quote may end before it, and no stack checks it).
+    fn translated_error6(
+        error: &[u8],
+        frontend: SocketAddrV6,
+        peer: Option<SocketAddrV6>,
+        from_backend: bool,
+    ) -> Vec<u8> {
+        let mut f = error.to_vec();
+        let q = ICMP6_QUOTE;
+        f[q + 24..q + 40].copy_from_slice(&frontend.ip().octets());
+        f[q + 42..q + 44].copy_from_slice(&frontend.port().to_be_bytes());
+        if let Some(peer) = peer {
+            f[q + 8..q + 24].copy_from_slice(&peer.ip().octets());
+            f[q + 40..q + 42].copy_from_slice(&peer.port().to_be_bytes());
+            f[ETH_HLEN + 24..ETH_HLEN + 40].copy_from_slice(&peer.ip().octets());
+        }
+        if from_backend {
+            f[ETH_HLEN + 8..ETH_HLEN + 24].copy_from_slice(&frontend.ip().octets());
+        }
+        let at = ETH_HLEN + 40;
+        f[at + 2..at + 4].fill(0);
+        let pseudo = frame::pseudo_header6(
+            frame::ipv6_src(&f),
+            frame::ipv6_dst(&f),
+            PROTO_ICMPV6,
+            f.len() - at,
+        );
+        let sum = frame::checksum(&[&pseudo, &f[at..]]);
+        f[at + 2..at + 4].copy_from_slice(&sum.to_be_bytes());
+        routed6(f)
+    }
+
+    fn udp6_zero_sum(src: SocketAddrV6, dst: SocketAddrV6, payload: &[u8]) -> Vec<u8> {
+        let mut f = frame::udp6(src, dst, payload);
+        f[ETH_HLEN + 46] = 0;
+        f[ETH_HLEN + 47] = 0;
+        f
+    }
+
+    fn with_payload_len(mut f: Vec<u8>, len: u16) -> Vec<u8> {
+        f[ETH_HLEN + 4..ETH_HLEN + 6].copy_from_slice(&len.to_be_bytes());
+        f
+    }
+
+    /// `l4` (a TCP/UDP segment with its checksum) behind extension headers: each `(type, bytes)` is
+    /// one header whose next-header byte this fills in.
+    fn with_extensions(
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        proto: u8,
+        l4: &[u8],
+        chain: &[(u8, Vec<u8>)],
+    ) -> Vec<u8> {
+        let mut payload = Vec::new();
+        for (i, (_, bytes)) in chain.iter().enumerate() {
+            let mut h = bytes.clone();
+            h[0] = chain.get(i + 1).map_or(proto, |(t, _)| *t);
+            payload.extend_from_slice(&h);
+        }
+        payload.extend_from_slice(l4);
+        let first = chain.first().map_or(proto, |(t, _)| *t);
+        frame::ethernet(ETH_P_IPV6, &Ip6::new(src, dst, first).packet(&payload))
+    }
+
+    /// An 8-byte option header (hop-by-hop or destination options: one PadN option).
+    fn options_header() -> Vec<u8> {
+        vec![0, 0, 1, 4, 0, 0, 0, 0]
+    }
+
+    /// A type 4 (segment routing) routing header with no segment left.
+    fn routing_header() -> Vec<u8> {
+        vec![0, 0, 4, 0, 0, 0, 0, 0]
+    }
+
+    /// A fragment header: `off_m` is the offset (8-byte units, top 13 bits) and M (lowest bit).
+    fn fragment_header(off_m: u16) -> Vec<u8> {
+        let mut h = vec![0, 0];
+        h.extend_from_slice(&off_m.to_be_bytes());
+        h.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        h
+    }
+
+    fn tcp_segment(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Vec<u8> {
+        Tcp::new(src.port(), dst.port(), flags).segment(*src.ip(), *dst.ip())
+    }
+
+    fn neighbour(kind: u8, target: Ipv6Addr, to: Ipv6Addr) -> Vec<u8> {
+        let mut body = target.octets().to_vec();
+        body.extend_from_slice(&[if kind == 135 { 1 } else { 2 }, 1, 0x02, 0, 0, 0, 0, 0x01]);
+        let rest = if kind == 136 { [0x60, 0, 0, 0] } else { [0; 4] };
+        frame::icmp6(
+            Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0x20),
+            to,
+            kind,
+            0,
+            rest,
+            &body,
+        )
+    }
+
+    /// The solicited-node multicast address of `a`.
+    fn solicited(a: Ipv6Addr) -> Ipv6Addr {
+        let o = a.octets();
+        Ipv6Addr::new(
+            0xff02,
+            0,
+            0,
+            0,
+            0,
+            1,
+            0xff00 | u16::from(o[13]),
+            u16::from_be_bytes([o[14], o[15]]),
+        )
+    }
+
+    /// IPv6 traffic that is not Weir's, passed untouched by both programs.
+    fn not_ours6(prog: Prog) -> Vec<Fixture> {
+        let c = client6(40000);
+        let one = sa6(ONE_VIP6, 80);
+        let mut v = vec![
+            Fixture::not_service(
+                "v6_tcp_to_other_ip",
+                prog,
+                frame::tcp6(c, sa6(OTHER6, 80), TCP_SYN),
+            ),
+            Fixture::not_service(
+                "v6_udp_to_other_ip",
+                prog,
+                frame::udp6(c, sa6(OTHER6, 53), b"query"),
+            ),
+            Fixture::not_service(
+                "v6_tcp_to_node_ip_other_port",
+                prog,
+                frame::tcp6(c, sa6(NODE_IP6, 22), TCP_SYN),
+            ),
+            Fixture::not_service(
+                "v6_tcp_to_a_backend_directly",
+                prog,
+                frame::tcp6(c, sa6(ONE_BACKEND6, BACKEND_PORT), TCP_SYN),
+            ),
+            Fixture::not_service(
+                "v6_udp_to_a_tcp_only_node_port",
+                prog,
+                frame::udp6(c, sa6(NODE_IP6, REMOTE_NODE_PORT), b"x"),
+            ),
+            // Neighbour discovery for frontends and the node: ICMPv6, never ours.
+            Fixture::unparsed(
+                "v6_neighbour_solicitation_for_cluster_ip",
+                prog,
+                neighbour(135, ONE_VIP6, solicited(ONE_VIP6)),
+            ),
+            Fixture::unparsed(
+                "v6_neighbour_solicitation_unicast_to_cluster_ip",
+                prog,
+                neighbour(135, ONE_VIP6, ONE_VIP6),
+            ),
+            Fixture::unparsed(
+                "v6_neighbour_advertisement_for_node_ip",
+                prog,
+                neighbour(136, NODE_IP6, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1)),
+            ),
+            Fixture::unparsed(
+                "v6_neighbour_advertisement_to_cluster_ip",
+                prog,
+                neighbour(136, ONE_VIP6, ONE_VIP6),
+            ),
+            Fixture::unparsed(
+                "v6_icmpv6_echo_to_cluster_ip",
+                prog,
+                frame::icmp6(*c.ip(), ONE_VIP6, 128, 0, [0, 1, 0, 1], b"ping"),
+            ),
+            Fixture::unparsed(
+                "v6_vlan_tagged_tcp_to_cluster_ip",
+                prog,
+                vlan(ETH_P_8021Q, &frame::tcp6(c, one, TCP_SYN)),
+            ),
+            // Version 4 in an IPv6-typed frame (and the reverse): neither family's packet.
+            Fixture::unparsed("v6_version_4_in_an_ipv6_frame", prog, {
+                let mut f = frame::tcp6(c, one, TCP_SYN);
+                f[ETH_HLEN] = 0x40;
+                f
+            }),
+            Fixture::unparsed("v6_ipv6_packet_in_an_ipv4_typed_frame", prog, {
+                let mut f = frame::tcp6(c, one, TCP_SYN);
+                f[12..14].copy_from_slice(&frame::ETH_P_IP.to_be_bytes());
+                f
+            }),
+            // A no-next-header packet to a frontend.
+            Fixture::unparsed(
+                "v6_no_next_header_to_cluster_ip",
+                prog,
+                frame::ethernet(ETH_P_IPV6, &Ip6::new(*c.ip(), ONE_VIP6, 59).packet(&[])),
+            ),
+            // Fragments not addressed to a ClusterIP are not ours (a NodePort's node IP included:
+            // the stack reassembles them).
+            Fixture::unparsed(
+                "v6_first_fragment_to_other_ip",
+                prog,
+                with_extensions(
+                    *c.ip(),
+                    OTHER6,
+                    PROTO_TCP,
+                    &tcp_segment(c, sa6(OTHER6, 80), TCP_SYN),
+                    &[(IPV6_FRAGMENT, fragment_header(0x0001))],
+                ),
+            ),
+            Fixture::unparsed(
+                "v6_later_fragment_to_node_port",
+                prog,
+                with_extensions(
+                    *c.ip(),
+                    NODE_IP6,
+                    PROTO_UDP,
+                    &[7; 24],
+                    &[(IPV6_FRAGMENT, fragment_header(0x00b8))],
+                ),
+            ),
+        ];
+        // Extension headers are not walked (documented limitation): a TCP SYN to a frontend behind
+        // any of them passes untranslated, also when the chain ends in a fragment header.
+        let seg = tcp_segment(c, one, TCP_SYN);
+        for (name, chain) in [
+            (
+                "v6_hop_by_hop_then_tcp_to_cluster_ip_passes_untranslated_ext_headers_not_walked",
+                vec![(IPV6_HOP_BY_HOP, options_header())],
+            ),
+            (
+                "v6_routing_header_then_tcp_to_cluster_ip_passes_untranslated_ext_headers_not_walked",
+                vec![(IPV6_ROUTING, routing_header())],
+            ),
+            (
+                "v6_destination_options_then_tcp_to_cluster_ip_passes_untranslated_ext_headers_not_walked",
+                vec![(IPV6_DEST_OPTS, options_header())],
+            ),
+            (
+                "v6_hop_by_hop_routing_destopts_chain_to_cluster_ip_passes_untranslated_ext_headers_not_walked",
+                vec![
+                    (IPV6_HOP_BY_HOP, options_header()),
+                    (IPV6_ROUTING, routing_header()),
+                    (IPV6_DEST_OPTS, options_header()),
+                ],
+            ),
+            (
+                "v6_hop_by_hop_then_fragment_to_cluster_ip_passes_fragment_not_seen_behind_ext_headers",
+                vec![
+                    (IPV6_HOP_BY_HOP, options_header()),
+                    (IPV6_FRAGMENT, fragment_header(0x0001)),
+                ],
+            ),
+        ] {
+            v.push(Fixture::unparsed(
+                name,
+                prog,
+                with_extensions(*c.ip(), ONE_VIP6, PROTO_TCP, &seg, &chain),
+            ));
+        }
+        // Truncations: an IPv6-typed frame shorter than Ethernet + the 40-byte IPv6 header (54 bytes)
+        // is refused by BPF_PROG_TEST_RUN itself (the kernel pulls the network header); the longer
+        // ones cut inside the TCP/UDP header pass as unparsed.
+        let tcp = frame::tcp6(c, one, TCP_SYN);
+        let udp = frame::udp6(c, sa6(ONE_VIP6, 53), b"");
+        for (proto, full) in [("tcp", &tcp), ("udp", &udp)] {
+            for len in ETH_HLEN..full.len() {
+                let name = format!("v6_{proto}_truncated_to_{len}");
+                v.push(if len < ETH_HLEN + 40 {
+                    Fixture::new(name, prog, truncated(full, len)).output(Expect::Refused)
+                } else {
+                    Fixture::unparsed(name, prog, truncated(full, len))
+                });
+            }
+        }
+        v
+    }
+
+    /// Frames through the pod program that it translates, rejects or drops.
+    fn pod_translations6() -> Vec<Fixture> {
+        let p = Prog::Pod;
+        let one = sa6(ONE_VIP6, 80);
+        let one_udp = sa6(ONE_VIP6, 53);
+        let backend = sa6(ONE_BACKEND6, BACKEND_PORT);
+        let backend_udp = sa6(ONE_BACKEND6, BACKEND_UDP_PORT);
+        let c = client6(51000);
+        let cu = client6(51001);
+        let ptb_backend =
+            frame::icmp6_packet_too_big(ONE_BACKEND6, &frame::tcp6(c, backend, TCP_ACK));
+        let ptb_router =
+            frame::icmp6_packet_too_big(POD_ROUTER6, &frame::tcp6(c, backend, TCP_ACK));
+        let time_exceeded = frame::icmp6_error(
+            3,
+            0,
+            [0; 4],
+            POD_ROUTER6,
+            &frame::tcp6(c, backend, TCP_ACK),
+            48,
+        );
+        let port_unreachable = frame::icmp6_error(
+            1,
+            4,
+            [0; 4],
+            ONE_BACKEND6,
+            &frame::udp6(cu, backend_udp, b"q"),
+            48,
+        );
+        vec![
+            Fixture::new(
+                "v6_new_tcp_syn_to_cluster_ip",
+                p,
+                frame::tcp6(c, one, TCP_SYN),
+            )
+            .output(Expect::Bytes(frame::tcp6(c, backend, TCP_SYN)))
+            .stat("forward_new"),
+            Fixture::new("v6_same_flow_established", p, frame::tcp6(c, one, TCP_ACK))
+                .output(Expect::Bytes(frame::tcp6(c, backend, TCP_ACK)))
+                .stat("forward_established"),
+            Fixture::new(
+                "v6_tcp_reply_from_backend_reverse_translated",
+                p,
+                frame::tcp6(backend, c, TCP_SYN | TCP_ACK),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(routed6(frame::tcp6(
+                one,
+                c,
+                TCP_SYN | TCP_ACK,
+            ))))
+            .stat("reverse_nat"),
+            // The backend's "packet too big" about the flow: the quote names the frontend again,
+            // and the outer source too (the backend sent it).
+            Fixture::new(
+                "v6_icmpv6_packet_too_big_from_backend_translated",
+                p,
+                ptb_backend.clone(),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(translated_error6(
+                &ptb_backend,
+                one,
+                None,
+                true,
+            )))
+            .stat("icmp_error_translated"),
+            // From a router on the way: only the quote changes.
+            Fixture::new(
+                "v6_icmpv6_packet_too_big_from_router_translated",
+                p,
+                ptb_router.clone(),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(translated_error6(
+                &ptb_router,
+                one,
+                None,
+                false,
+            )))
+            .stat("icmp_error_translated"),
+            Fixture::new(
+                "v6_icmpv6_time_exceeded_quoting_48_bytes_translated",
+                p,
+                time_exceeded.clone(),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(translated_error6(
+                &time_exceeded,
+                one,
+                None,
+                false,
+            )))
+            .stat("icmp_error_translated"),
+            Fixture::unparsed(
+                "v6_icmpv6_error_about_an_untracked_flow",
+                p,
+                frame::icmp6_packet_too_big(
+                    ONE_BACKEND6,
+                    &frame::tcp6(client6(51999), backend, TCP_ACK),
+                ),
+            ),
+            // Informational ICMPv6 (echo reply) quoting-lookalike bytes: no error type, untouched.
+            Fixture::unparsed("v6_icmpv6_echo_reply_is_no_error", p, {
+                let e =
+                    frame::icmp6_packet_too_big(ONE_BACKEND6, &frame::tcp6(c, backend, TCP_ACK));
+                let mut m = e[ETH_HLEN + 40..].to_vec();
+                m[0] = 129;
+                frame::icmp6(ONE_BACKEND6, *c.ip(), 129, 0, [0; 4], &m[8..])
+            }),
+            Fixture::new(
+                "v6_new_udp_flow_to_cluster_ip",
+                p,
+                frame::udp6(cu, one_udp, b"query"),
+            )
+            .output(Expect::Bytes(frame::udp6(cu, backend_udp, b"query")))
+            .stat("forward_new"),
+            Fixture::new(
+                "v6_udp_reply_from_backend_reverse_translated",
+                p,
+                frame::udp6(backend_udp, cu, b"answer"),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(routed6(frame::udp6(one_udp, cu, b"answer"))))
+            .stat("reverse_nat"),
+            // The backend's port unreachable about the UDP flow: the client's socket sees "refused".
+            Fixture::new(
+                "v6_icmpv6_port_unreachable_from_backend_translated",
+                p,
+                port_unreachable.clone(),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(translated_error6(
+                &port_unreachable,
+                one_udp,
+                None,
+                true,
+            )))
+            .stat("icmp_error_translated"),
+            // A zero UDP checksum is invalid over IPv6 (RFC 8200 section 8.1; the receiving stack
+            // drops it). The datapath neither drops nor repairs it: the zero is kept through the
+            // rewrite (BPF_F_MARK_MANGLED_0), as for IPv4.
+            Fixture::new(
+                "v6_udp_zero_checksum_translated_and_stays_zero",
+                p,
+                udp6_zero_sum(client6(51002), one_udp, b"query"),
+            )
+            .output(Expect::Bytes(udp6_zero_sum(
+                client6(51002),
+                backend_udp,
+                b"query",
+            )))
+            .stat("forward_new"),
+            // Ethernet padding after a short datagram (payload length < frame): translated, kept.
+            Fixture::new("v6_udp_with_ethernet_padding", p, {
+                let mut f = frame::udp6(client6(51003), one_udp, b"ab");
+                f.resize(80, 0);
+                f
+            })
+            .output(Expect::Bytes({
+                let mut f = frame::udp6(client6(51003), backend_udp, b"ab");
+                f.resize(80, 0);
+                f
+            }))
+            .stat("forward_new"),
+            // The payload length is not validated (as the IPv4 total length): translated; the
+            // stack's ipv6_rcv drops the inconsistent ones.
+            Fixture::new(
+                "v6_payload_length_larger_than_frame_translated",
+                p,
+                with_payload_len(frame::tcp6(client6(51004), one, TCP_SYN), 1000),
+            )
+            .output(Expect::Bytes(with_payload_len(
+                frame::tcp6(client6(51004), backend, TCP_SYN),
+                1000,
+            )))
+            .stat("forward_new"),
+            // Traffic class, flow label and hop limit are left as they are.
+            Fixture::new(
+                "v6_traffic_class_and_flow_label_kept",
+                p,
+                frame::tcp6_with(client6(51005), one, &Tcp::new(51005, 80, TCP_SYN), |ip| {
+                    ip.class_flow = 0x0b8_abcde;
+                    ip.hop_limit = 1;
+                }),
+            )
+            .output(Expect::Bytes(frame::tcp6_with(
+                client6(51005),
+                backend,
+                &Tcp::new(51005, BACKEND_PORT, TCP_SYN),
+                |ip| {
+                    ip.class_flow = 0x0b8_abcde;
+                    ip.hop_limit = 1;
+                },
+            )))
+            .stat("forward_new"),
+            // A pod reaching itself through its Service: the source becomes fd00:5745:4952::1.
+            Fixture::new(
+                "v6_hairpin",
+                p,
+                frame::tcp6(sa6(ONE_BACKEND6, 50000), one, TCP_SYN),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(routed6(frame::tcp6(
+                sa6(HAIRPIN6, 50000),
+                backend,
+                TCP_SYN,
+            ))))
+            .stat("forward_new"),
+            // The pod's reply to the hairpin address: back to itself, from the ClusterIP.
+            Fixture::new(
+                "v6_hairpin_reply_restored",
+                p,
+                frame::tcp6(backend, sa6(HAIRPIN6, 50000), TCP_SYN | TCP_ACK),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(routed6(frame::tcp6(
+                one,
+                sa6(ONE_BACKEND6, 50000),
+                TCP_SYN | TCP_ACK,
+            ))))
+            .stat("reverse_nat"),
+            Fixture::new(
+                "v6_three_backends_one_chosen",
+                p,
+                frame::tcp6(client6(51006), sa6(MANY_VIP6, 80), TCP_SYN),
+            )
+            .output(Expect::OneOf(
+                MANY_BACKENDS6
+                    .iter()
+                    .map(|&b| frame::tcp6(client6(51006), sa6(b, BACKEND_PORT), TCP_SYN))
+                    .collect(),
+            ))
+            .stat("forward_new"),
+            // Rejects: no endpoint, or a port the ClusterIP does not define.
+            Fixture::new(
+                "v6_tcp_syn_to_service_without_endpoints_rst",
+                p,
+                frame::tcp6(client6(51007), sa6(EMPTY_VIP6, 80), TCP_SYN),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(expected_rst6(
+                client6(51007),
+                sa6(EMPTY_VIP6, 80),
+                &Tcp::new(51007, 80, TCP_SYN),
+            )))
+            .stat("reject_tcp"),
+            Fixture::new(
+                "v6_tcp_to_undefined_cluster_ip_port_rst",
+                p,
+                frame::tcp6(client6(51008), sa6(ONE_VIP6, 81), TCP_SYN),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(expected_rst6(
+                client6(51008),
+                sa6(ONE_VIP6, 81),
+                &Tcp::new(51008, 81, TCP_SYN),
+            )))
+            .stat("reject_tcp"),
+            // RFC 793: no ACK in the segment → ack = seq + data + SYN + FIN, sequence 0.
+            Fixture::new("v6_tcp_syn_fin_with_data_rst_acks_all_of_it", p, {
+                let mut t = Tcp::new(51009, 80, TCP_SYN | TCP_FIN);
+                t.seq = 0xffff_fff0;
+                t.payload = vec![0xaa; 37];
+                frame::tcp6_with(client6(51009), sa6(EMPTY_VIP6, 80), &t, |_| {})
+            })
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes({
+                let mut t = Tcp::new(51009, 80, TCP_SYN | TCP_FIN);
+                t.seq = 0xffff_fff0;
+                t.payload = vec![0xaa; 37];
+                expected_rst6(client6(51009), sa6(EMPTY_VIP6, 80), &t)
+            }))
+            .stat("reject_tcp"),
+            // RFC 793: with ACK → seq = the segment's ack, no ACK flag.
+            Fixture::new("v6_tcp_ack_with_data_rst_takes_its_ack_as_seq", p, {
+                let mut t = Tcp::new(51010, 80, TCP_ACK | 0x08);
+                t.ack = 0x1234_5678;
+                t.payload = b"GET / HTTP/1.1\r\n".to_vec();
+                frame::tcp6_with(client6(51010), sa6(EMPTY_VIP6, 80), &t, |_| {})
+            })
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes({
+                let mut t = Tcp::new(51010, 80, TCP_ACK | 0x08);
+                t.ack = 0x1234_5678;
+                t.payload = b"GET / HTTP/1.1\r\n".to_vec();
+                expected_rst6(client6(51010), sa6(EMPTY_VIP6, 80), &t)
+            }))
+            .stat("reject_tcp"),
+            Fixture::new(
+                "v6_rst_to_rejecting_frontend_dropped",
+                p,
+                frame::tcp6(client6(51011), sa6(EMPTY_VIP6, 80), TCP_RST),
+            )
+            .verdict(TC_ACT_SHOT)
+            .output(Expect::Dropped)
+            .stat("drop_reset_to_rejecting"),
+            Fixture::new(
+                "v6_udp_to_service_without_endpoints_icmpv6_port_unreachable",
+                p,
+                frame::udp6(client6(51012), sa6(EMPTY_VIP6, 53), b"query"),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(expected_port_unreachable6(&frame::udp6(
+                client6(51012),
+                sa6(EMPTY_VIP6, 53),
+                b"query",
+            ))))
+            .stat("reject_udp"),
+            // The quote is the IPv6 header + 8 bytes whatever the datagram's size.
+            Fixture::new(
+                "v6_large_udp_to_undefined_port_icmpv6_port_unreachable",
+                p,
+                frame::udp6(client6(51013), sa6(ONE_VIP6, 54), &[0x5a; 1200]),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(expected_port_unreachable6(&frame::udp6(
+                client6(51013),
+                sa6(ONE_VIP6, 54),
+                &[0x5a; 1200],
+            ))))
+            .stat("reject_udp"),
+            // Fragments to a ClusterIP cannot be balanced: counted drops.
+            Fixture::new(
+                "v6_first_fragment_to_cluster_ip_dropped",
+                p,
+                with_extensions(
+                    *client6(51014).ip(),
+                    ONE_VIP6,
+                    PROTO_UDP,
+                    &frame::udp_segment(client6(51014), one_udp, &[7; 32]),
+                    &[(IPV6_FRAGMENT, fragment_header(0x0001))],
+                ),
+            )
+            .verdict(TC_ACT_SHOT)
+            .output(Expect::Dropped)
+            .stat("drop_fragment"),
+            Fixture::new(
+                "v6_later_fragment_to_cluster_ip_dropped",
+                p,
+                with_extensions(
+                    *client6(51015).ip(),
+                    ONE_VIP6,
+                    PROTO_TCP,
+                    &[9; 24],
+                    &[(IPV6_FRAGMENT, fragment_header(0x05c8))],
+                ),
+            )
+            .verdict(TC_ACT_SHOT)
+            .output(Expect::Dropped)
+            .stat("drop_fragment"),
+            // An atomic fragment (offset 0, no M: RFC 6946) is still a fragment header.
+            Fixture::new(
+                "v6_atomic_fragment_to_cluster_ip_dropped",
+                p,
+                with_extensions(
+                    *client6(51016).ip(),
+                    ONE_VIP6,
+                    PROTO_TCP,
+                    &tcp_segment(client6(51016), one, TCP_SYN),
+                    &[(IPV6_FRAGMENT, fragment_header(0x0000))],
+                ),
+            )
+            .verdict(TC_ACT_SHOT)
+            .output(Expect::Dropped)
+            .stat("drop_fragment"),
+        ]
+    }
+
+    /// Frames through the external program: NodePorts, externalIPs and LoadBalancer IPs.
+    fn ext_translations6() -> Vec<Fixture> {
+        let p = Prog::Ext;
+        let outside = outside6(45555);
+        let remote = sa6(REMOTE_BACKEND6, BACKEND_PORT);
+        let node_port = sa6(NODE_IP6, REMOTE_NODE_PORT);
+        let local = sa6(LOCAL_BACKEND6, BACKEND_PORT);
+        vec![
+            // The backend lives on another node: SNAT to this node's IPv6 address (the client's own
+            // port is free) and FIB redirect towards it.
+            Fixture::new(
+                "v6_node_port_to_remote_backend_snat",
+                p,
+                frame::tcp6(outside, node_port, TCP_SYN),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(routed6(frame::tcp6(
+                sa6(NODE_IP6, 45555),
+                remote,
+                TCP_SYN,
+            ))))
+            .stat("forward_new")
+            .stat("snat_new"),
+            Fixture::new(
+                "v6_node_port_snat_established",
+                p,
+                frame::tcp6(outside, node_port, TCP_ACK),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(routed6(frame::tcp6(
+                sa6(NODE_IP6, 45555),
+                remote,
+                TCP_ACK,
+            ))))
+            .stat("forward_established"),
+            Fixture::new(
+                "v6_node_port_snat_reply_restored",
+                p,
+                frame::tcp6(remote, sa6(NODE_IP6, 45555), TCP_SYN | TCP_ACK),
+            )
+            .verdict(TC_ACT_REDIRECT)
+            .output(Expect::Bytes(routed6(frame::tcp6(
+                node_port,
+                outside,
+                TCP_SYN | TCP_ACK,
+            ))))
+            .stat("reverse_nat"),
+            Fixture::new(
+                "v6_node_port_to_local_backend_no_snat",
+                p,
+                frame::tcp6(outside6(6000), sa6(NODE_IP6, LOCAL_NODE_PORT), TCP_SYN),
+            )
+            .output(Expect::Bytes(frame::tcp6(outside6(6000), local, TCP_SYN)))
+            .stat("forward_new"),
+            Fixture::new(
+                "v6_udp_node_port_to_local_backend",
+                p,
+                frame::udp6(outside6(6001), sa6(NODE_IP6, LOCAL_NODE_PORT_UDP), b"q"),
+            )
+            .output(Expect::Bytes(frame::udp6(
+                outside6(6001),
+                sa6(LOCAL_BACKEND6, BACKEND_UDP_PORT),
+                b"q",
+            )))
+            .stat("forward_new"),
+            Fixture::new(
+                "v6_external_ip_to_local_backend",
+                p,
+                frame::tcp6(outside6(6002), sa6(EXTERNAL_IP6, 80), TCP_SYN),
+            )
+            .output(Expect::Bytes(frame::tcp6(outside6(6002), local, TCP_SYN)))
+            .stat("forward_new"),
+            Fixture::new(
+                "v6_load_balancer_ip_to_local_backend",
+                p,
+                frame::tcp6(outside6(6003), sa6(LB_IP6, 80), TCP_SYN),
+            )
+            .output(Expect::Bytes(frame::tcp6(outside6(6003), local, TCP_SYN)))
+            .stat("forward_new"),
+            Fixture::new(
+                "v6_udp_load_balancer_ip_to_local_backend",
+                p,
+                frame::udp6(outside6(6004), sa6(LB_IP6, 53), b"q"),
+            )
+            .output(Expect::Bytes(frame::udp6(
+                outside6(6004),
+                sa6(LOCAL_BACKEND6, BACKEND_UDP_PORT),
+                b"q",
+            )))
+            .stat("forward_new"),
+        ]
+    }
+
+    #[test]
+    fn v6_traffic_that_is_not_ours_passes_untouched() {
+        with_rig(|rig| {
+            let mut all = not_ours6(Prog::Pod);
+            all.extend(not_ours6(Prog::Ext));
+            run_all(rig, &all);
+        });
+    }
+
+    #[test]
+    fn v6_pod_ingress_translates_rejects_and_drops() {
+        with_rig(|rig| run_all(rig, &pod_translations6()));
+    }
+
+    #[test]
+    fn v6_ext_ingress_node_ports_external_and_lb_ips() {
+        with_rig(|rig| run_all(rig, &ext_translations6()));
+    }
+
+    /// Every flag combination without RST to an IPv6 frontend without endpoints gets the RFC 793 reset.
+    #[test]
+    fn v6_every_tcp_flag_combination_without_rst_to_a_rejecting_frontend_gets_a_reset() {
+        with_rig(|rig| {
+            let fixtures: Vec<Fixture> = (0..=255u8)
+                .filter(|flags| flags & TCP_RST == 0)
+                .map(|flags| {
+                    let c = client6(52000 + u16::from(flags));
+                    let empty = sa6(EMPTY_VIP6, 80);
+                    let t = Tcp::new(c.port(), 80, flags);
+                    Fixture::new(
+                        format!("v6_reject_tcp_flags_{flags:#04x}"),
+                        Prog::Pod,
+                        frame::tcp6(c, empty, flags),
+                    )
+                    .verdict(TC_ACT_REDIRECT)
+                    .output(Expect::Bytes(expected_rst6(c, empty, &t)))
+                    .stat("reject_tcp")
+                })
+                .collect();
+            run_all(rig, &fixtures);
+        });
+    }
+
+    /// A dual-stack Service: its IPv4 frontend balances over its IPv4 endpoints only, its IPv6
+    /// frontend over its IPv6 endpoints only, each reaching all of its own family's.
+    #[test]
+    fn v6_dual_stack_service_each_family_to_its_own_backends() {
+        with_rig(|rig| {
+            let mut seen4 = BTreeSet::new();
+            let mut seen6 = BTreeSet::new();
+            for i in 0..64u16 {
+                let c4 = super::client(53000 + i);
+                let out = rig
+                    .run(
+                        Prog::Pod,
+                        &frame::tcp4(c4, super::sa(MANY_VIP, 80), TCP_SYN),
+                    )
+                    .expect("test run");
+                let p = frame::parse(&out.frame).expect("a TCP frame comes out");
+                assert!(!p.v6 && p.src == c4.into(), "{p:?}");
+                seen4.insert(p.dst);
+                let c6 = client6(53000 + i);
+                let out = rig
+                    .run(Prog::Pod, &frame::tcp6(c6, sa6(MANY_VIP6, 80), TCP_SYN))
+                    .expect("test run");
+                let p = frame::parse(&out.frame).expect("a TCP frame comes out");
+                assert!(p.v6 && p.src == c6.into(), "{p:?}");
+                seen6.insert(p.dst);
+            }
+            let want4: BTreeSet<_> = MANY_BACKENDS
+                .iter()
+                .map(|&b| super::sa(b, BACKEND_PORT).into())
+                .collect();
+            let want6: BTreeSet<_> = MANY_BACKENDS6
+                .iter()
+                .map(|&b| sa6(b, BACKEND_PORT).into())
+                .collect();
+            assert_eq!(
+                seen4, want4,
+                "the IPv4 frontend reaches exactly its IPv4 backends"
+            );
+            assert_eq!(
+                seen6, want6,
+                "the IPv6 frontend reaches exactly its IPv6 backends"
+            );
+            // The rig programmed both families' backends (the sets the fuzzer's judge uses).
+            for b in want4.iter().chain(&want6) {
+                assert!(rig.is_backend(*b, PROTO_TCP), "{b} is in WEIR_BACKENDS");
+            }
+        });
+    }
+
+    /// IPv4-mapped addresses (`::ffff:a.b.c.d`) are how the maps key IPv4, but never a valid IPv6
+    /// destination on the wire (RFC 4291 section 2.5.5.2): an IPv6 packet to the mapped form of an
+    /// IPv4 ClusterIP must not be balanced as if it were IPv4 traffic.
+    ///
+    /// DATAPATH BUG (found here, not fixed on this branch): `packet::parse_ipv6` accepts mapped
+    /// addresses, so the IPv6 packet hits the IPv4 frontend's `WEIR_SERVICES` entry and is DNATed to
+    /// `::ffff:10.244.0.41` (a `WEIR_CT6` entry, `forward_new`).
+    #[test]
+    #[ignore = "datapath bug: IPv6 packets to IPv4-mapped addresses are balanced to IPv4 frontends"]
+    fn v6_packets_to_ipv4_mapped_frontends_are_not_ours() {
+        with_rig(|rig| {
+            let mapped = |a: std::net::Ipv4Addr| a.to_ipv6_mapped();
+            let c = client6(54000);
+            run_all(
+                rig,
+                &[
+                    Fixture::not_service(
+                        "v6_tcp_to_ipv4_mapped_cluster_ip",
+                        Prog::Pod,
+                        frame::tcp6(c, sa6(mapped(ONE_VIP), 80), TCP_SYN),
+                    ),
+                    Fixture::not_service(
+                        "v6_udp_to_ipv4_mapped_cluster_ip",
+                        Prog::Pod,
+                        frame::udp6(c, sa6(mapped(ONE_VIP), 53), b"q"),
+                    ),
+                    Fixture::not_service(
+                        "v6_tcp_from_ipv4_mapped_source_to_ipv6_cluster_ip_other_host",
+                        Prog::Pod,
+                        frame::tcp6(
+                            sa6(mapped(std::net::Ipv4Addr::new(10, 0, 0, 20)), 54001),
+                            sa6(OTHER6, 80),
+                            TCP_SYN,
+                        ),
+                    ),
+                ],
+            );
+        });
+    }
+
+    /// Bytes that look like an ICMPv6 error about a tracked flow but are not one are not touched:
+    /// another Ethernet type, a payload length that ends inside the quote (the bytes to rewrite would
+    /// not be covered by the ICMPv6 checksum), a quote that is no IPv6 header.
+    #[test]
+    fn v6_icmpv6_error_lookalikes_are_not_translated() {
+        with_rig(|rig| {
+            let c = client6(55000);
+            let backend = sa6(ONE_BACKEND6, BACKEND_PORT);
+            run_all(
+                rig,
+                &[Fixture::new(
+                    "flow",
+                    Prog::Pod,
+                    frame::tcp6(c, sa6(ONE_VIP6, 80), TCP_SYN),
+                )
+                .output(Expect::Bytes(frame::tcp6(c, backend, TCP_SYN)))
+                .stat("forward_new")],
+            );
+            let error =
+                frame::icmp6_packet_too_big(ONE_BACKEND6, &frame::tcp6(c, backend, TCP_ACK));
+            let mut fixtures: Vec<Fixture> = [ETH_P_ARP, 0x88b5, ETH_P_8021Q]
+                .into_iter()
+                .map(|ethertype| {
+                    let mut f = error.clone();
+                    f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+                    Fixture::unparsed(
+                        format!("v6_icmpv6_error_in_ethertype_{ethertype:#06x}"),
+                        Prog::Pod,
+                        f,
+                    )
+                })
+                .collect();
+            fixtures.push(
+                Fixture::new("v6_genuine_icmpv6_error", Prog::Pod, error.clone())
+                    .verdict(TC_ACT_REDIRECT)
+                    .output(Expect::Bytes(translated_error6(
+                        &error,
+                        sa6(ONE_VIP6, 80),
+                        None,
+                        true,
+                    )))
+                    .stat("icmp_error_translated"),
+            );
+            run_all(rig, &fixtures);
+        });
+    }
+
+    /// An IPv6-typed frame whose version is not 6 is no IPv6 packet, even with next header 44 to a
+    /// ClusterIP: not a fragment to drop.
+    ///
+    /// DATAPATH BUG (minor, found here): `packet::fragment_destination`'s IPv6 branch does not check
+    /// the version nibble (its IPv4 branch does), so such a frame is a counted `drop_fragment`. The
+    /// stack would drop it anyway (`ipv6_rcv`), so only the counter is wrong.
+    #[test]
+    #[ignore = "datapath bug: IPv6 fragment check ignores the version nibble"]
+    fn v6_fragment_lookalike_with_version_4_is_not_a_fragment() {
+        with_rig(|rig| {
+            let c = client6(56000);
+            let mut f = with_extensions(
+                *c.ip(),
+                ONE_VIP6,
+                PROTO_TCP,
+                &tcp_segment(c, sa6(ONE_VIP6, 80), TCP_SYN),
+                &[(IPV6_FRAGMENT, fragment_header(0x0001))],
+            );
+            f[ETH_HLEN] = 0x40;
+            run_all(
+                rig,
+                &[Fixture::unparsed(
+                    "v6_version_4_fragment_header_to_cluster_ip",
+                    Prog::Pod,
+                    f,
+                )],
+            );
+        });
+    }
+
+    /// DATAPATH BUG (found here): `icmp::translate_error6` checks neither that the IPv6 payload length
+    /// covers the quote (`icmp_error_total_length_cuts_the_quote` is the IPv4 twin, fixed there) nor
+    /// that the quote is IPv6 (its IPv4 twin checks `0x45`). A payload length ending inside the quote
+    /// gets the bytes past it rewritten and the ICMPv6 checksum adjusted for them: the error leaves
+    /// with a broken checksum. A quote of another version is translated as if it were IPv6.
+    #[test]
+    #[ignore = "datapath bug: ICMPv6 errors are translated without checking payload length and quote version"]
+    fn v6_icmpv6_error_with_short_payload_length_or_non_ipv6_quote_is_not_translated() {
+        with_rig(|rig| {
+            let c = client6(55100);
+            let backend = sa6(ONE_BACKEND6, BACKEND_PORT);
+            run_all(
+                rig,
+                &[Fixture::new(
+                    "flow",
+                    Prog::Pod,
+                    frame::tcp6(c, sa6(ONE_VIP6, 80), TCP_SYN),
+                )
+                .output(Expect::Bytes(frame::tcp6(c, backend, TCP_SYN)))
+                .stat("forward_new")],
+            );
+            let error =
+                frame::icmp6_packet_too_big(ONE_BACKEND6, &frame::tcp6(c, backend, TCP_ACK));
+            let mut fixtures = Vec::new();
+            fixtures.push(Fixture::unparsed(
+                "v6_icmpv6_error_payload_length_cuts_the_quote",
+                Prog::Pod,
+                {
+                    // ICMPv6 header + 40 quoted bytes: the quoted ports lie past the payload length.
+                    let mut f = with_payload_len(error.clone(), 8 + 40);
+                    let at = ETH_HLEN + 40;
+                    f[at + 2..at + 4].fill(0);
+                    let pseudo = frame::pseudo_header6(ONE_BACKEND6, *c.ip(), PROTO_ICMPV6, 48);
+                    let sum = frame::checksum(&[&pseudo, &f[at..at + 48]]);
+                    f[at + 2..at + 4].copy_from_slice(&sum.to_be_bytes());
+                    f
+                },
+            ));
+            fixtures.push(Fixture::unparsed(
+                "v6_icmpv6_error_quote_is_not_ipv6",
+                Prog::Pod,
+                {
+                    let mut f = error.clone();
+                    f[ICMP6_QUOTE] = 0x45;
+                    let at = ETH_HLEN + 40;
+                    f[at + 2..at + 4].fill(0);
+                    let pseudo =
+                        frame::pseudo_header6(ONE_BACKEND6, *c.ip(), PROTO_ICMPV6, f.len() - at);
+                    let sum = frame::checksum(&[&pseudo, &f[at..]]);
+                    f[at + 2..at + 4].copy_from_slice(&sum.to_be_bytes());
+                    f
+                },
+            ));
+            run_all(rig, &fixtures);
+        });
+    }
+
+    /// An ICMPv6 "packet too big" from the remote backend of a NodePort flow that was SNATed (the
+    /// quote is node:port → backend, the error is addressed to the node) must reach the outside
+    /// client as it would without SNAT: the quote client → node:nodePort, the outer destination the
+    /// client, the outer source the frontend (the backend sent it).
+    ///
+    /// DATAPATH BUG (found here, both families): `icmp::translate_error4/6` restore the frontend in
+    /// the quote and the outer source but ignore the reverse entry's peer: the error leaves as
+    /// node → node, quoting node:45555 → node:30080 (verdict `TC_ACT_OK`: the FIB sees a local
+    /// destination), and the client never learns the path MTU through an SNATed NodePort.
+    #[test]
+    #[ignore = "datapath bug: ICMP errors about SNATed flows are not sent back to the client"]
+    fn icmp_errors_about_snat_flows_reach_the_outside_client() {
+        with_rig(|rig| {
+            let p = Prog::Ext;
+            let outside = outside6(45600);
+            let remote = sa6(REMOTE_BACKEND6, BACKEND_PORT);
+            let node_port = sa6(NODE_IP6, REMOTE_NODE_PORT);
+            let ptb = frame::icmp6_packet_too_big(
+                REMOTE_BACKEND6,
+                &frame::tcp6(sa6(NODE_IP6, 45600), remote, TCP_ACK),
+            );
+            let outside4 = super::sa(std::net::Ipv4Addr::new(203, 0, 113, 7), 45600);
+            let node_port4 = super::sa(weir_tests::packet::rig::NODE_IP, REMOTE_NODE_PORT);
+            let remote4 = super::sa(weir_tests::packet::rig::REMOTE_BACKEND, BACKEND_PORT);
+            let snat4 = super::sa(weir_tests::packet::rig::NODE_IP, 45600);
+            run_all(
+                rig,
+                &[
+                    Fixture::new("v6_flow", p, frame::tcp6(outside, node_port, TCP_SYN))
+                        .verdict(TC_ACT_REDIRECT)
+                        .output(Expect::Bytes(routed6(frame::tcp6(
+                            sa6(NODE_IP6, 45600),
+                            remote,
+                            TCP_SYN,
+                        ))))
+                        .stat("forward_new")
+                        .stat("snat_new"),
+                    Fixture::new(
+                        "v6_packet_too_big_from_remote_backend_about_snat_flow",
+                        p,
+                        ptb.clone(),
+                    )
+                    .verdict(TC_ACT_REDIRECT)
+                    .output(Expect::Bytes(translated_error6(
+                        &ptb,
+                        node_port,
+                        Some(outside),
+                        true,
+                    )))
+                    .stat("icmp_error_translated"),
+                    Fixture::new("v4_flow", p, frame::tcp4(outside4, node_port4, TCP_SYN))
+                        .verdict(TC_ACT_REDIRECT)
+                        .output(Expect::Bytes(super::routed(frame::tcp4(
+                            snat4, remote4, TCP_SYN,
+                        ))))
+                        .stat("forward_new")
+                        .stat("snat_new"),
+                    Fixture::new(
+                        "v4_frag_needed_from_remote_backend_about_snat_flow",
+                        p,
+                        frame::icmp_frag_needed(
+                            *remote4.ip(),
+                            &frame::tcp4(snat4, remote4, TCP_ACK),
+                        ),
+                    )
+                    .verdict(TC_ACT_REDIRECT)
+                    .output(Expect::Bytes(super::routed(frame::icmp_frag_needed(
+                        *node_port4.ip(),
+                        &frame::tcp4(outside4, node_port4, TCP_ACK),
+                    ))))
+                    .stat("icmp_error_translated"),
+                ],
+            );
+        });
+    }
+
+    #[test]
+    fn v6_the_fixture_runner_checks_ipv6_checksums() {
+        let mut f = frame::tcp6(client6(1), sa6(ONE_BACKEND6, BACKEND_PORT), TCP_SYN);
+        assert!(super::checksum_problems(&f).is_empty());
+        // A changed address breaks the L4 checksum through the pseudo-header.
+        f[ETH_HLEN + 39] ^= 1;
+        assert!(!super::checksum_problems(&f).is_empty());
+        let mut e = frame::icmp6_packet_too_big(
+            ONE_BACKEND6,
+            &frame::tcp6(client6(1), sa6(ONE_BACKEND6, 80), TCP_ACK),
+        );
+        assert!(super::checksum_problems(&e).is_empty());
+        e[ICMP6_QUOTE + 24] ^= 1;
+        assert!(!super::checksum_problems(&e).is_empty());
+    }
 }

@@ -1,7 +1,8 @@
 //! The short packet fuzz run (`cargo xtask fuzz` runs the long one): random and mutated frames through
 //! `weir_pod_ingress` and `weir_ext_ingress`, every run checked against the invariants in
-//! `weir_tests::packet::fuzz`. `WEIR_FUZZ_SEED` replays a run (the seed is printed); `WEIR_FUZZ_FRAMES`
-//! changes the count per program (default 100,000).
+//! `weir_tests::packet::fuzz`, IPv4 and IPv6 frames alike. `WEIR_FUZZ_SEED` replays a run (the seed
+//! is printed); `WEIR_FUZZ_FRAMES` changes the count per program (default 100,000); `WEIR_FUZZ_STRICT=1`
+//! counts the known datapath bugs (`KNOWN_BUG_*` outcomes) as violations.
 
 use weir_tests::packet::fuzz::{self, ProgReport, seed_from_env};
 use weir_tests::packet::rig::{Prog, with_rig};
@@ -16,27 +17,32 @@ fn frames() -> u64 {
     }
 }
 
-/// The generator must reach every path the invariants are about, or a green run proves little.
+/// The generator must reach every path the invariants are about, in both families, or a green run
+/// proves little.
 fn assert_coverage(r: &ProgReport) {
     let has = |k: &str| r.outcomes.get(k).copied().unwrap_or(0) > 0;
-    for class in [
+    let mut classes = vec![
         "not_ours_unchanged",
         "forward",
         "reverse",
+        "hairpin",
         "reject_rst",
         "reject_icmp",
         "icmp_translated",
         "dropped",
-    ] {
-        assert!(
-            has(class),
-            "{}: no run reached {class}\n{}",
-            r.program,
-            r.render()
-        );
-    }
+    ];
     if r.program == Prog::Ext.name() {
-        assert!(has("snat"), "no SNAT in the ext run\n{}", r.render());
+        classes.push("snat");
+    }
+    for class in classes {
+        for class in [class.to_owned(), format!("{class}_v6")] {
+            assert!(
+                has(&class),
+                "{}: no run reached {class}\n{}",
+                r.program,
+                r.render()
+            );
+        }
     }
 }
 

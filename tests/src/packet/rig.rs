@@ -3,13 +3,18 @@
 //! namespace (so the FIB lookups the programs make see routes this rig chose, not the host's).
 //!
 //! The namespace has `pod0` (a veth, no address: the node side of pod interfaces; routes to the pod
-//! networks 10.0.0.0/16 and 10.244.0.0/24) and `ext0` (a veth, 192.168.77.1/24, the external interface
-//! in `WEIR_EXT_IFACES`; the other node's pods 10.244.1.0/24 are routed via 192.168.77.2), and forwards.
+//! networks 10.0.0.0/16, 10.244.0.0/24, fd00:10::/64 and fd00:244::/64) and `ext0` (a veth,
+//! 192.168.77.1/24 and fd00:77::1/64, the external interface in `WEIR_EXT_IFACES` with both
+//! addresses; the other node's pods 10.244.1.0/24 and fd00:244:1::/64 are routed via 192.168.77.2 and
+//! fd00:77::2), and forwards both families.
+//!
+//! Every Service is dual-stack (ClusterIPs of both families, a slice per family), so each IPv4
+//! frontend has an IPv6 twin whose backends are the IPv6 twins of its backends.
 
 use std::collections::BTreeSet;
 use std::ffi::c_void;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
 use std::path::{Path, PathBuf};
 
@@ -20,13 +25,14 @@ use weir_agent::model::{DesiredCache, NodeContext};
 use weir_agent::reconcile::{Adopted, Reconciler};
 use weir_agent::standalone::ConfigDir;
 use weir_common::{
-    Backend, CtKey, CtValue, MAP_BACKENDS, MAP_CONNTRACK, MAP_SERVICES, PROG_EXT_INGRESS,
-    PROG_POD_INGRESS, STAT_COUNT, STAT_NAMES, ServiceKey, ServiceValue,
+    Backend, CtKey, CtKey6, CtValue, CtValue6, MAP_BACKENDS, MAP_CONNTRACK, MAP_CONNTRACK6,
+    MAP_SERVICES, PROG_EXT_INGRESS, PROG_POD_INGRESS, STAT_COUNT, STAT_NAMES, ServiceKey,
+    ServiceValue, addr_of,
 };
 
 use crate::bpffs::Bpffs;
 use crate::netns::{self, NetNs, ip};
-use crate::yaml::{self, TrafficPolicy};
+use crate::yaml::{self, IpFamily, TrafficPolicy};
 
 /// TC verdicts as the programs return them.
 pub const TC_ACT_OK: u32 = 0;
@@ -64,6 +70,33 @@ pub const LOCAL_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 61);
 pub const BACKEND_PORT: u16 = 8080;
 pub const BACKEND_UDP_PORT: u16 = 5353;
 
+/// IPv6 twins of the addresses above: this node's IPv6 address (on `ext0`), the IPv6 hairpin source
+/// (weir-common's `HAIRPIN_ADDR6`), and each Service's IPv6 ClusterIP and backends.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 1);
+pub const HAIRPIN6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x5745, 0x4952, 0, 0, 0, 0, 1);
+pub const ONE_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x40);
+pub const ONE_BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x41);
+pub const MANY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+pub const MANY_BACKENDS6: [Ipv6Addr; 3] = [
+    Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x12),
+    Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x13),
+];
+pub const EMPTY_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x30);
+pub const REMOTE_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x50);
+pub const REMOTE_BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 0x21);
+pub const LOCAL_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x60);
+pub const LOCAL_BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x61);
+/// The `local` Service is a LoadBalancer with an externalIP and an ingress IP of each family (port 80
+/// and 53 like its ClusterIP, to [`LOCAL_BACKEND`] / [`LOCAL_BACKEND6`]).
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 60);
+pub const EXTERNAL_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 0x60);
+pub const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 61);
+pub const LB_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x51, 0, 0, 0, 0, 0x61);
+/// A router on the pod networks' side, for ICMP errors not sent by a backend.
+pub const POD_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+pub const POD_ROUTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
+
 /// Which program a frame is run through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Prog {
@@ -100,10 +133,12 @@ pub struct Rig {
     pod_ifindex: u32,
     ext_ifindex: u32,
     conntrack: BpfHashMap<MapData, CtKey, CtValue>,
-    /// Frontends as programmed in `WEIR_SERVICES` (port 0: "any other port" of a ClusterIP).
-    pub frontends: BTreeSet<(Ipv4Addr, u16, u8)>,
-    /// Backends as programmed in `WEIR_BACKENDS`.
-    pub backends: BTreeSet<(Ipv4Addr, u16, u8)>,
+    conntrack6: BpfHashMap<MapData, CtKey6, CtValue6>,
+    /// Frontends of both families as programmed in `WEIR_SERVICES` (port 0: "any other port" of a
+    /// ClusterIP).
+    pub frontends: BTreeSet<(IpAddr, u16, u8)>,
+    /// Backends of both families as programmed in `WEIR_BACKENDS`.
+    pub backends: BTreeSet<(IpAddr, u16, u8)>,
     /// When set, [`Rig::is_frontend`] and [`Rig::is_cluster_ip`] answer false for everything: the
     /// fuzzer's own test uses it to show its judge catches rewrites of traffic that is not ours.
     pub blind: bool,
@@ -158,8 +193,12 @@ pub fn with_rig_caps<T: Send>(caps: Capacities, f: impl FnOnce(&mut Rig) -> T + 
 }
 
 fn setup_netns(ns: &str) -> anyhow::Result<()> {
+    // Before any interface exists, so every one inherits it: a tentative (DAD) address or route is
+    // not usable at once, and nothing here could answer a solicitation anyway.
+    netns::sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")?;
+    netns::sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")?;
     // Veth pairs (this kernel has no dummy driver), both ends up so the routes are usable.
-    let cmds: [&[&str]; 13] = [
+    let cmds: [&[&str]; 20] = [
         &["link", "set", "lo", "up"],
         &[
             "link", "add", "pod0", "type", "veth", "peer", "name", "pod0p",
@@ -170,6 +209,7 @@ fn setup_netns(ns: &str) -> anyhow::Result<()> {
             "link", "add", "ext0", "type", "veth", "peer", "name", "ext0p",
         ],
         &["addr", "add", "192.168.77.1/24", "dev", "ext0"],
+        &["-6", "addr", "add", "fd00:77::1/64", "dev", "ext0", "nodad"],
         &["link", "set", "ext0p", "up"],
         &["link", "set", "ext0", "up"],
         &["route", "add", "10.0.0.0/16", "dev", "pod0"],
@@ -193,18 +233,45 @@ fn setup_netns(ns: &str) -> anyhow::Result<()> {
             "dev",
             "ext0",
         ],
+        &["-6", "route", "add", "fd00:10::/64", "dev", "pod0"],
+        &["-6", "route", "add", "fd00:244::/64", "dev", "pod0"],
+        &[
+            "-6",
+            "route",
+            "add",
+            "fd00:244:1::/64",
+            "via",
+            "fd00:77::2",
+            "dev",
+            "ext0",
+        ],
+        &["-6", "route", "add", "fd00:5745:4952::/64", "dev", "pod0"],
+        &[
+            "-6",
+            "route",
+            "add",
+            "2001:db8:113::/64",
+            "via",
+            "fd00:77::254",
+            "dev",
+            "ext0",
+        ],
+        // Where the IPv6 fixtures' "other host" lives, so a FIB lookup for it has an answer too.
+        &["-6", "route", "add", "fd00:200::/64", "dev", "pod0"],
     ];
     for args in cmds {
         let mut full = vec!["-n", ns];
         full.extend_from_slice(args);
         ip(&full)?;
     }
-    netns::sysctl(ns, "net.ipv4.ip_forward", "1")
+    netns::sysctl(ns, "net.ipv4.ip_forward", "1")?;
+    // bpf_fib_lookup answers "forwarding disabled" for an IPv6 ingress device that does not forward.
+    netns::sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
 }
 
-/// The Services and EndpointSlices the rig programs.
+/// The Services and EndpointSlices the rig programs: every Service dual-stack (IPv4 primary), with one
+/// slice per family.
 fn config_yaml() -> String {
-    let ready = |ips: &[Ipv4Addr]| ips.iter().map(|&ip| (ip, true)).collect::<Vec<_>>();
     let tcp = [("http", 80, "TCP", BACKEND_PORT)];
     let tcp_udp = [
         ("http", 80, "TCP", BACKEND_PORT),
@@ -215,28 +282,36 @@ fn config_yaml() -> String {
         ("http", BACKEND_PORT, "TCP"),
         ("dns", BACKEND_UDP_PORT, "UDP"),
     ];
-    yaml::documents(&[
-        yaml::service_yaml("fx", "one", &ONE_VIP.to_string(), &tcp_udp),
-        yaml::endpointslice_yaml("fx", "one-1", "one", &slice_tcp_udp, &ready(&[ONE_BACKEND])),
-        yaml::service_yaml("fx", "many", &MANY_VIP.to_string(), &tcp),
-        yaml::endpointslice_yaml("fx", "many-1", "many", &slice_tcp, &ready(&MANY_BACKENDS)),
-        yaml::service_yaml("fx", "empty", &EMPTY_VIP.to_string(), &tcp_udp),
-        yaml::endpointslice_yaml("fx", "empty-1", "empty", &slice_tcp_udp, &[]),
-        yaml::nodeport_service_yaml(
-            "fx",
-            "remote",
-            &REMOTE_VIP.to_string(),
-            TrafficPolicy::Cluster,
-            &[("http", 80, "TCP", BACKEND_PORT, REMOTE_NODE_PORT)],
-        ),
-        yaml::endpointslice_yaml(
-            "fx",
-            "remote-1",
-            "remote",
-            &slice_tcp,
-            &ready(&[REMOTE_BACKEND]),
-        ),
-        yaml::nodeport_service_yaml(
+    let ips = |v4: Ipv4Addr, v6: Ipv6Addr| [IpAddr::V4(v4), IpAddr::V6(v6)];
+    // One slice per family, named after the Service.
+    let slices = |service: &str, ports: &[(&str, u16, &str)], v4: &[Ipv4Addr], v6: &[Ipv6Addr]| {
+        let ready = |ips: Vec<IpAddr>| {
+            ips.into_iter()
+                .map(|ip| (ip, None, true))
+                .collect::<Vec<_>>()
+        };
+        [
+            yaml::endpointslice_yaml_family(
+                "fx",
+                &format!("{service}-1"),
+                service,
+                IpFamily::V4,
+                ports,
+                &ready(v4.iter().map(|&ip| ip.into()).collect()),
+            ),
+            yaml::endpointslice_yaml_family(
+                "fx",
+                &format!("{service}-v6"),
+                service,
+                IpFamily::V6,
+                ports,
+                &ready(v6.iter().map(|&ip| ip.into()).collect()),
+            ),
+        ]
+    };
+    // `local` is a LoadBalancer with an ingress IP and an externalIP of each family.
+    let local = {
+        let y = yaml::loadbalancer_service_yaml(
             "fx",
             "local",
             &LOCAL_VIP.to_string(),
@@ -245,15 +320,50 @@ fn config_yaml() -> String {
                 ("http", 80, "TCP", BACKEND_PORT, LOCAL_NODE_PORT),
                 ("dns", 53, "UDP", BACKEND_UDP_PORT, LOCAL_NODE_PORT_UDP),
             ],
-        ),
-        yaml::endpointslice_yaml(
+            &[LB_IP],
+            None,
+        );
+        let y = format!("{y}    - ip: \"{LB_IP6}\"\n").replacen(
+            "spec:\n",
+            &format!("spec:\n  externalIPs:\n  - \"{EXTERNAL_IP}\"\n  - \"{EXTERNAL_IP6}\"\n"),
+            1,
+        );
+        yaml::with_cluster_ips(&y, &ips(LOCAL_VIP, LOCAL_VIP6))
+    };
+    let mut docs = vec![
+        yaml::service_yaml_ips("fx", "one", &ips(ONE_VIP, ONE_VIP6), &tcp_udp),
+        yaml::service_yaml_ips("fx", "many", &ips(MANY_VIP, MANY_VIP6), &tcp),
+        yaml::service_yaml_ips("fx", "empty", &ips(EMPTY_VIP, EMPTY_VIP6), &tcp_udp),
+        yaml::nodeport_service_yaml_ips(
             "fx",
-            "local-1",
-            "local",
-            &slice_tcp_udp,
-            &ready(&[LOCAL_BACKEND]),
+            "remote",
+            &ips(REMOTE_VIP, REMOTE_VIP6),
+            TrafficPolicy::Cluster,
+            &[("http", 80, "TCP", BACKEND_PORT, REMOTE_NODE_PORT)],
         ),
-    ])
+        local,
+    ];
+    docs.extend(slices(
+        "one",
+        &slice_tcp_udp,
+        &[ONE_BACKEND],
+        &[ONE_BACKEND6],
+    ));
+    docs.extend(slices("many", &slice_tcp, &MANY_BACKENDS, &MANY_BACKENDS6));
+    docs.extend(slices("empty", &slice_tcp_udp, &[], &[]));
+    docs.extend(slices(
+        "remote",
+        &slice_tcp,
+        &[REMOTE_BACKEND],
+        &[REMOTE_BACKEND6],
+    ));
+    docs.extend(slices(
+        "local",
+        &slice_tcp_udp,
+        &[LOCAL_BACKEND],
+        &[LOCAL_BACKEND6],
+    ));
+    yaml::documents(&docs)
 }
 
 impl Rig {
@@ -274,7 +384,7 @@ impl Rig {
         let pod_ifindex = nix::net::if_::if_nametoindex("pod0").context("ifindex of pod0")?;
         let ext_ifindex = nix::net::if_::if_nametoindex("ext0").context("ifindex of ext0")?;
         datapath
-            .set_external_address(ext_ifindex, Some(NODE_IP), None)
+            .set_external_address(ext_ifindex, Some(NODE_IP), Some(NODE_IP6))
             .context("WEIR_EXT_IFACES entry for ext0")?;
 
         std::fs::write(config_dir.join("services.yaml"), config_yaml())
@@ -284,7 +394,7 @@ impl Rig {
             .context("read the rig's config")?;
         ensure!(errors.is_empty(), "config errors: {}", errors.join("; "));
         let node = NodeContext {
-            ips: vec![NODE_IP.into()],
+            ips: vec![NODE_IP.into(), NODE_IP6.into()],
             name: "fx-node".into(),
             ..NodeContext::default()
         };
@@ -302,23 +412,25 @@ impl Rig {
         let mut frontends = BTreeSet::new();
         for entry in services.keys() {
             let k = entry.context("reading WEIR_SERVICES")?;
-            // The rig's frames are IPv4; so are its Services.
-            let std::net::IpAddr::V4(ip) = weir_common::ip_of(&k.addr_be) else {
-                continue;
-            };
-            frontends.insert((ip, u16::from_be(k.port_be), k.proto));
+            frontends.insert((
+                weir_common::ip_of(&k.addr_be),
+                u16::from_be(k.port_be),
+                k.proto,
+            ));
         }
         let backends_map: BpfHashMap<_, u32, Backend> =
             BpfHashMap::try_from(Map::HashMap(open(MAP_BACKENDS)?))?;
         let mut backends = BTreeSet::new();
         for entry in backends_map.iter() {
             let (_, b) = entry.context("reading WEIR_BACKENDS")?;
-            let std::net::IpAddr::V4(ip) = weir_common::ip_of(&b.addr_be) else {
-                continue;
-            };
-            backends.insert((ip, u16::from_be(b.port_be), b.proto));
+            backends.insert((
+                weir_common::ip_of(&b.addr_be),
+                u16::from_be(b.port_be),
+                b.proto,
+            ));
         }
         let conntrack = BpfHashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK)?))?;
+        let conntrack6 = BpfHashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK6)?))?;
         Ok(Self {
             _datapath: datapath,
             stats,
@@ -327,6 +439,7 @@ impl Rig {
             pod_ifindex,
             ext_ifindex,
             conntrack,
+            conntrack6,
             frontends,
             backends,
             blind: false,
@@ -385,17 +498,68 @@ impl Rig {
         self.conntrack.get(&key, 0).ok()
     }
 
-    pub fn is_frontend(&self, addr: SocketAddrV4, proto: u8) -> bool {
-        !self.blind && self.frontends.contains(&(*addr.ip(), addr.port(), proto))
+    /// The IPv6 conntrack entry (`WEIR_CT6`) for a 5-tuple as on the wire, if any.
+    pub fn conntrack6(&self, src: SocketAddrV6, dst: SocketAddrV6, proto: u8) -> Option<CtValue6> {
+        let key = CtKey6 {
+            saddr_be: addr_of(IpAddr::V6(*src.ip())),
+            daddr_be: addr_of(IpAddr::V6(*dst.ip())),
+            sport_be: src.port().to_be(),
+            dport_be: dst.port().to_be(),
+            proto,
+            pad: [0; 3],
+        };
+        self.conntrack6.get(&key, 0).ok()
+    }
+
+    /// The kind (`CT_FORWARD`, `CT_REVERSE`) of the conntrack entry of a 5-tuple of either family.
+    pub fn tracked(&self, src: SocketAddr, dst: SocketAddr, proto: u8) -> Option<u8> {
+        match (src, dst) {
+            (SocketAddr::V4(s), SocketAddr::V4(d)) => self.conntrack(s, d, proto).map(|v| v.kind),
+            (SocketAddr::V6(s), SocketAddr::V6(d)) => self.conntrack6(s, d, proto).map(|v| v.kind),
+            _ => None,
+        }
+    }
+
+    /// For the reverse entry of a 5-tuple (either family): the peer its replies are sent back to
+    /// (the client of an SNATed or hairpinned flow), `Some(None)` when it has none, `None` when the
+    /// tuple has no reverse entry.
+    pub fn reverse_peer(
+        &self,
+        src: SocketAddr,
+        dst: SocketAddr,
+        proto: u8,
+    ) -> Option<Option<SocketAddr>> {
+        let (kind, addr, port_be) = match (src, dst) {
+            (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+                let v = self.conntrack(s, d, proto)?;
+                let addr = (v.peer_addr_be != 0)
+                    .then(|| IpAddr::V4(Ipv4Addr::from(u32::from_be(v.peer_addr_be))));
+                (v.kind, addr, v.peer_port_be)
+            }
+            (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+                let v = self.conntrack6(s, d, proto)?;
+                let addr = (v.peer_addr_be != [0; 4]).then(|| weir_common::ip_of(&v.peer_addr_be));
+                (v.kind, addr, v.peer_port_be)
+            }
+            _ => return None,
+        };
+        (kind == weir_common::CT_REVERSE)
+            .then(|| addr.map(|a| SocketAddr::new(a, u16::from_be(port_be))))
+    }
+
+    pub fn is_frontend(&self, addr: impl Into<SocketAddr>, proto: u8) -> bool {
+        let addr = addr.into();
+        !self.blind && self.frontends.contains(&(addr.ip(), addr.port(), proto))
     }
 
     /// A ClusterIP's "any other port" entry exists for `addr`/`proto` (it rejects undefined ports).
-    pub fn is_cluster_ip(&self, addr: Ipv4Addr, proto: u8) -> bool {
-        !self.blind && self.frontends.contains(&(addr, 0, proto))
+    pub fn is_cluster_ip(&self, addr: impl Into<IpAddr>, proto: u8) -> bool {
+        !self.blind && self.frontends.contains(&(addr.into(), 0, proto))
     }
 
-    pub fn is_backend(&self, addr: SocketAddrV4, proto: u8) -> bool {
-        self.backends.contains(&(*addr.ip(), addr.port(), proto))
+    pub fn is_backend(&self, addr: impl Into<SocketAddr>, proto: u8) -> bool {
+        let addr = addr.into();
+        self.backends.contains(&(addr.ip(), addr.port(), proto))
     }
 }
 
