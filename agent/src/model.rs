@@ -22,11 +22,21 @@ pub const ANY_OTHER_PORT: u16 = 0;
 /// The pre-field way to set loadBalancerSourceRanges, still honoured when the field is empty.
 pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
+/// An address as the API server accepts it. IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) are refused:
+/// they never appear on the wire, and to the datapath they are the IPv4 address itself.
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    let ip = s.parse::<IpAddr>().ok()?;
+    match ip {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => None,
+        ip => Some(ip),
+    }
+}
+
 /// `a.b.c.d/n` or `x:y::/n` → `Some((network, n))` (host bits cleared); garbage → `None`.
 fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     let (addr, len) = s.split_once('/')?;
     let len: u8 = len.parse().ok()?;
-    match addr.parse::<IpAddr>().ok()? {
+    match parse_ip(addr)? {
         IpAddr::V4(v4) if len <= 32 => {
             let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
             Some((Ipv4Addr::from(u32::from(v4) & mask).into(), len))
@@ -323,7 +333,7 @@ impl ServiceSpec {
         }
         let mut cluster_ips: Vec<IpAddr> = Vec::new();
         for (field, ip) in ips {
-            let Ok(ip) = ip.parse::<IpAddr>() else {
+            let Some(ip) = parse_ip(ip) else {
                 return Err(FieldError::new(field, format!("invalid IP address {ip:?}")));
             };
             // The API server allows one ClusterIP per family.
@@ -368,9 +378,9 @@ impl ServiceSpec {
         }
         let mut external_ips = Vec::new();
         for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-            match ip.parse::<IpAddr>() {
-                Ok(ip) => external_ips.push(ip),
-                Err(_) => {
+            match parse_ip(ip) {
+                Some(ip) => external_ips.push(ip),
+                None => {
                     return Err(FieldError::new(
                         format!("spec.externalIPs[{i}]"),
                         format!("invalid IP address {ip:?}"),
@@ -386,9 +396,9 @@ impl ServiceSpec {
         let mut lb_ips = Vec::new();
         for (i, ing) in ingress.into_iter().flatten().enumerate() {
             if let Some(ip) = &ing.ip {
-                match ip.parse::<IpAddr>() {
-                    Ok(ip) => lb_ips.push(ip),
-                    Err(_) => {
+                match parse_ip(ip) {
+                    Some(ip) => lb_ips.push(ip),
+                    None => {
                         return Err(FieldError::new(
                             format!("status.loadBalancer.ingress[{i}].ip"),
                             format!("invalid IP address {ip:?}"),
@@ -539,9 +549,7 @@ impl SliceSpec {
                 .and_then(|h| h.for_zones.as_ref())
                 .map(|z| z.iter().map(|z| z.name.clone()).collect::<Vec<_>>());
             for (j, addr) in ep.addresses.iter().enumerate() {
-                let ip = addr
-                    .parse::<IpAddr>()
-                    .ok()
+                let ip = parse_ip(addr)
                     .filter(|ip| ip.is_ipv6() == v6)
                     .ok_or_else(|| {
                         FieldError::new(

@@ -20,8 +20,11 @@ pub trait Hook {
     fn raw(&self) -> *mut c_void;
     /// The interface the packet arrived on.
     fn ifindex(&self) -> u32;
-    fn data(&self) -> usize;
-    fn data_end(&self) -> usize;
+    /// `(data, data_end)`, each read once. Every direct access must derive from the one `data` its
+    /// bounds check was made on (a fresh load carries no proof), and the two are adjacent 32-bit
+    /// context fields: read plainly, LLVM may merge them into one 64-bit load and a shift, and the
+    /// verifier refuses arithmetic on `pkt_end`. Volatile reads keep them two loads.
+    fn bounds(&self) -> (usize, usize);
     /// Bytes in the packet.
     fn pkt_len(&self) -> u32;
     /// A bounds-checked copy of `size_of::<T>()` bytes at `offset` (for variable offsets and for reads
@@ -47,13 +50,14 @@ impl Hook for TcContext {
     }
 
     #[inline(always)]
-    fn data(&self) -> usize {
-        TcContext::data(self)
-    }
-
-    #[inline(always)]
-    fn data_end(&self) -> usize {
-        TcContext::data_end(self)
+    fn bounds(&self) -> (usize, usize) {
+        // SAFETY: `skb` is the live __sk_buff this program was called with.
+        unsafe {
+            (
+                core::ptr::read_volatile(&(*self.skb.skb).data) as usize,
+                core::ptr::read_volatile(&(*self.skb.skb).data_end) as usize,
+            )
+        }
     }
 
     #[inline(always)]
@@ -87,18 +91,20 @@ impl Hook for XdpContext {
     }
 
     #[inline(always)]
-    fn data(&self) -> usize {
-        XdpContext::data(self)
-    }
-
-    #[inline(always)]
-    fn data_end(&self) -> usize {
-        XdpContext::data_end(self)
+    fn bounds(&self) -> (usize, usize) {
+        // SAFETY: `ctx` is the live xdp_md this program was called with.
+        unsafe {
+            (
+                core::ptr::read_volatile(&(*self.ctx).data) as usize,
+                core::ptr::read_volatile(&(*self.ctx).data_end) as usize,
+            )
+        }
     }
 
     #[inline(always)]
     fn pkt_len(&self) -> u32 {
-        (XdpContext::data_end(self) - XdpContext::data(self)) as u32
+        let (start, end) = self.bounds();
+        (end - start) as u32
     }
 
     #[inline(always)]

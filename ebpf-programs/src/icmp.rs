@@ -6,7 +6,9 @@ use aya_ebpf::{
     bindings::{BPF_F_PSEUDO_HDR, TC_ACT_OK},
     programs::TcContext,
 };
-use weir_common::{Addr, CT_REVERSE, CtKey, PROTO_TCP, PROTO_UDP, STAT_ICMP_TRANSLATED, v4_mapped};
+use weir_common::{
+    Addr, CT_REVERSE, CtKey, CtValue, PROTO_TCP, PROTO_UDP, STAT_ICMP_TRANSLATED, v4_mapped,
+};
 
 use crate::{
     ct, fib,
@@ -20,6 +22,7 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const OUTER_CSUM: usize = ETH_HLEN + 10;
 const OUTER_SADDR: usize = ETH_HLEN + 12;
+const OUTER_DADDR: usize = ETH_HLEN + 16;
 const ICMP: usize = ETH_HLEN + 20;
 const ICMP_CSUM: usize = ICMP + 2;
 const INNER: usize = ICMP + 8;
@@ -95,9 +98,16 @@ fn translate_error4(ctx: &TcContext) -> Option<i32> {
         entry.nat_port_be,
     )
     .ok()?;
+    let mut outer_daddr = u32::from_ne_bytes([outer[16], outer[17], outer[18], outer[19]]);
+    // SNATed or hairpinned: the backend saw (and quotes) the peer address, and sent the error there.
+    if entry.peer_addr_be != 0 {
+        if !rewrite_peer4(ctx, &entry) {
+            return None;
+        }
+        outer_daddr = entry.peer_addr_be;
+    }
     count(STAT_ICMP_TRANSLATED);
     let outer_saddr = u32::from_ne_bytes([outer[12], outer[13], outer[14], outer[15]]);
-    let outer_daddr = u32::from_ne_bytes([outer[16], outer[17], outer[18], outer[19]]);
     let new_saddr = if outer_saddr == inner_daddr {
         entry.nat_addr_be
     } else {
@@ -117,6 +127,7 @@ const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 const ICMPV6_TIME_EXCEEDED: u8 = 3;
 const OUTER6_SADDR: usize = ETH_HLEN + 8;
+const OUTER6_DADDR: usize = ETH_HLEN + 24;
 const ICMP6: usize = ETH_HLEN + IPV6_HLEN;
 const ICMP6_CSUM: usize = ICMP6 + 2;
 const INNER6: usize = ICMP6 + 8;
@@ -133,8 +144,14 @@ fn translate_error6(ctx: &TcContext) -> Option<i32> {
     }
     let outer_next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
     let version: u8 = ctx.load(ETH_HLEN).ok()?;
+    let payload: [u8; 2] = ctx.load(ETH_HLEN + 4).ok()?;
     let icmp_type: u8 = ctx.load(ICMP6).ok()?;
+    let inner_version: u8 = ctx.load(INNER6).ok()?;
+    // The payload length must cover the quote (bytes past it are outside the ICMPv6 checksum), and the
+    // quote must be IPv6.
     if version >> 4 != 6
+        || inner_version >> 4 != 6
+        || (u16::from_be_bytes(payload) as usize) < NEEDED6 - ETH_HLEN - IPV6_HLEN
         || outer_next != PROTO_ICMPV6
         || !matches!(
             icmp_type,
@@ -172,9 +189,16 @@ fn translate_error6(ctx: &TcContext) -> Option<i32> {
         return None;
     }
     let outer_saddr: Addr = ctx.load(OUTER6_SADDR).ok()?;
-    let outer_daddr: Addr = ctx.load(ETH_HLEN + 24).ok()?;
+    let mut outer_daddr: Addr = ctx.load(OUTER6_DADDR).ok()?;
     let from_backend = outer_saddr == inner_daddr;
     rewrite6(ctx, &inner_daddr, ports[1], &entry, from_backend).ok()?;
+    // SNATed or hairpinned: the backend saw (and quotes) the peer address, and sent the error there.
+    if !ct::is_none(&entry.peer_addr) {
+        if !rewrite_peer6(ctx, &entry) {
+            return None;
+        }
+        outer_daddr = entry.peer_addr;
+    }
     count(STAT_ICMP_TRANSLATED);
     let new_saddr = if from_backend {
         entry.nat_addr
@@ -183,6 +207,41 @@ fn translate_error6(ctx: &TcContext) -> Option<i32> {
     };
     let verdict = fib::forward(ctx, &new_saddr, &outer_daddr, PROTO_ICMPV6);
     Some(if verdict < 0 { TC_ACT_OK } else { verdict })
+}
+
+/// As `rewrite_peer4`, for ICMPv6: the quote's source and the error's destination back to the peer (the
+/// destination is in the ICMPv6 pseudo-header).
+#[inline(never)]
+fn rewrite_peer6(ctx: &TcContext, entry: &ct::Entry) -> bool {
+    peer6(ctx, entry).is_ok()
+}
+
+#[inline(always)]
+fn peer6(ctx: &TcContext, entry: &ct::Entry) -> Result<(), i64> {
+    let quoted_src: Addr = ctx.load(INNER6 + 8)?;
+    let quoted_sport: u16 = ctx.load(INNER6_L4)?;
+    let outer_daddr: Addr = ctx.load(OUTER6_DADDR)?;
+    let peer = &entry.peer_addr;
+    let mut i = 0;
+    while i < 4 {
+        if quoted_src[i] != peer[i] {
+            ctx.l4_csum_replace(ICMP6_CSUM, quoted_src[i] as u64, peer[i] as u64, 4)?;
+        }
+        if outer_daddr[i] != peer[i] {
+            let flags = BPF_F_PSEUDO_HDR as u64 | 4;
+            ctx.l4_csum_replace(ICMP6_CSUM, outer_daddr[i] as u64, peer[i] as u64, flags)?;
+        }
+        i += 1;
+    }
+    ctx.store(INNER6 + 8, peer, 0)?;
+    ctx.store(OUTER6_DADDR, peer, 0)?;
+    ctx.store(INNER6_L4, &entry.peer_port_be, 0)?;
+    ctx.l4_csum_replace(
+        ICMP6_CSUM,
+        quoted_sport as u64,
+        entry.peer_port_be as u64,
+        2,
+    )
 }
 
 /// The quote's destination back to the frontend, and the outer source too when the backend sent the
@@ -218,6 +277,32 @@ fn rewrite6(
         entry.nat_port_be as u64,
         2,
     )
+}
+
+/// The quote's source back to the client the backend never saw (SNAT, hairpin), and the error's
+/// destination with it. Out of line for the stack, with few arguments and a plain result (a BPF call
+/// takes five registers, and an aggregate result would come back through the stack): what it changes
+/// it reads again from the packet.
+#[inline(never)]
+fn rewrite_peer4(ctx: &TcContext, entry: &CtValue) -> bool {
+    peer4(ctx, entry).is_ok()
+}
+
+#[inline(always)]
+fn peer4(ctx: &TcContext, entry: &CtValue) -> Result<(), i64> {
+    let quoted_src: u32 = ctx.load(INNER + 12)?;
+    let quoted_sport: u16 = ctx.load(INNER_L4)?;
+    let outer_daddr: u32 = ctx.load(OUTER_DADDR)?;
+    let old_inner_csum: u16 = ctx.load(INNER_CSUM)?;
+    ctx.l3_csum_replace(INNER_CSUM, quoted_src as u64, entry.peer_addr_be as u64, 4)?;
+    ctx.store(INNER + 12, &entry.peer_addr_be, 0)?;
+    ctx.l4_csum_replace(ICMP_CSUM, quoted_src as u64, entry.peer_addr_be as u64, 4)?;
+    let new_inner_csum: u16 = ctx.load(INNER_CSUM)?;
+    ctx.l4_csum_replace(ICMP_CSUM, old_inner_csum as u64, new_inner_csum as u64, 2)?;
+    ctx.store(INNER_L4, &entry.peer_port_be, 0)?;
+    ctx.l4_csum_replace(ICMP_CSUM, quoted_sport as u64, entry.peer_port_be as u64, 2)?;
+    ctx.l3_csum_replace(OUTER_CSUM, outer_daddr as u64, entry.peer_addr_be as u64, 4)?;
+    ctx.store(OUTER_DADDR, &entry.peer_addr_be, 0)
 }
 
 /// Inner destination address and port back to the frontend, the inner IPv4 checksum and the ICMP

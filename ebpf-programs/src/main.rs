@@ -108,6 +108,10 @@ pub fn weir_sock_getpeername6(ctx: SockAddrContext) -> i32 {
 /// through a pointer to the caller's stack, which the verifier refuses to see returned.
 fn ingress(ctx: &TcContext, outside: bool) -> i32 {
     let Some(flow) = packet::parse(ctx) else {
+        // From here, not in `unparsed`: each call level costs stack (512 bytes for the whole chain).
+        if let Some(verdict) = icmp::translate_error(ctx) {
+            return verdict;
+        }
         return unparsed(ctx);
     };
 
@@ -133,13 +137,10 @@ fn ingress(ctx: &TcContext, outside: bool) -> i32 {
     }
 }
 
-/// Not a TCP/UDP packet we can parse: an ICMP error about one of our flows, a fragment to a frontend,
-/// or none of our business (it passes untouched: what we cannot parse is not ours to drop).
+/// Not a TCP/UDP packet we can parse, nor an ICMP error about one of our flows: a fragment to a
+/// frontend, or none of our business (it passes untouched: what we cannot parse is not ours to drop).
 #[inline(never)]
 fn unparsed(ctx: &TcContext) -> i32 {
-    if let Some(verdict) = icmp::translate_error(ctx) {
-        return verdict;
-    }
     // Fragments to a ClusterIP cannot be balanced (only the first carries ports): drop, counted,
     // rather than let them wander to a node that has no route for a virtual address.
     if let Some((proto, daddr)) = packet::fragment_destination(ctx) {

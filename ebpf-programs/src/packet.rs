@@ -1,6 +1,6 @@
 //! Header parsing: direct packet access for fixed offsets, each preceded by a bounds check against
 //! `data_end`; bounds-checked helper loads for the variable-offset L4 header.
-use weir_common::{Addr, PROTO_TCP, PROTO_UDP, v4_mapped};
+use weir_common::{Addr, PROTO_TCP, PROTO_UDP, is_v4_mapped, v4_mapped};
 
 pub const ETH_HLEN: usize = 14;
 pub const IPV4_MIN_HLEN: usize = 20;
@@ -32,11 +32,11 @@ pub struct Flow {
 use crate::hook::Hook;
 
 /// # Safety
-/// `offset + size_of::<T>()` must have been checked against `data_end`.
+/// `start` must be the packet start the caller bounds-checked `offset + size_of::<T>()` against.
 #[inline(always)]
-unsafe fn read<T: Copy, C: Hook>(ctx: &C, offset: usize) -> T {
+unsafe fn read<T: Copy>(start: usize, offset: usize) -> T {
     // SAFETY: the caller checked that the read stays inside [data, data_end).
-    unsafe { core::ptr::read_unaligned((ctx.data() + offset) as *const T) }
+    unsafe { core::ptr::read_unaligned((start + offset) as *const T) }
 }
 
 /// Parses Ethernet + IPv4 or IPv6 + TCP/UDP. Returns `None` for anything that is not a complete,
@@ -44,11 +44,12 @@ unsafe fn read<T: Copy, C: Hook>(ctx: &C, offset: usize) -> T {
 /// untouched.
 #[inline(always)]
 pub fn parse<C: Hook>(ctx: &C) -> Option<Flow> {
-    if ctx.data() + ETH_HLEN + IPV4_MIN_HLEN > ctx.data_end() {
+    let (start, end) = ctx.bounds();
+    if start + ETH_HLEN + IPV4_MIN_HLEN > end {
         return None;
     }
     // SAFETY: bytes [0, ETH_HLEN + 20) were bounds-checked just above.
-    let eth_proto: u16 = unsafe { read(ctx, 12) };
+    let eth_proto: u16 = unsafe { read(start, 12) };
     if eth_proto == ETH_P_IPV6_BE {
         return parse_ipv6(ctx);
     }
@@ -56,7 +57,7 @@ pub fn parse<C: Hook>(ctx: &C) -> Option<Flow> {
         return None;
     }
     // SAFETY: within the checked Ethernet + minimal IPv4 header.
-    let version_ihl: u8 = unsafe { read(ctx, ETH_HLEN) };
+    let version_ihl: u8 = unsafe { read(start, ETH_HLEN) };
     if version_ihl >> 4 != 4 {
         return None;
     }
@@ -65,12 +66,12 @@ pub fn parse<C: Hook>(ctx: &C) -> Option<Flow> {
         return None;
     }
     // SAFETY: within the checked minimal IPv4 header.
-    let frag: u16 = unsafe { read(ctx, ETH_HLEN + 6) };
+    let frag: u16 = unsafe { read(start, ETH_HLEN + 6) };
     if u16::from_be(frag) & IP_FRAG_MASK != 0 {
         return None;
     }
     // SAFETY: within the checked minimal IPv4 header.
-    let proto: u8 = unsafe { read(ctx, ETH_HLEN + 9) };
+    let proto: u8 = unsafe { read(start, ETH_HLEN + 9) };
     let l4_min = match proto {
         PROTO_TCP => 20,
         PROTO_UDP => 8,
@@ -78,7 +79,7 @@ pub fn parse<C: Hook>(ctx: &C) -> Option<Flow> {
     };
     // SAFETY: the minimal IPv4 header was bounds-checked above. Read before any helper call: a fresh
     // `data` pointer after a call carries no bounds proof.
-    let (saddr_be, daddr_be) = unsafe { (read(ctx, ETH_HLEN + 12), read(ctx, ETH_HLEN + 16)) };
+    let (saddr_be, daddr_be) = unsafe { (read(start, ETH_HLEN + 12), read(start, ETH_HLEN + 16)) };
     let l4_off = ETH_HLEN + ihl;
     // The L4 offset varies with the IPv4 options, and LLVM re-derives variable packet pointers in ways
     // the verifier cannot follow; the skb length check plus a bounds-checked helper load are robust.
@@ -104,14 +105,15 @@ pub fn parse<C: Hook>(ctx: &C) -> Option<Flow> {
 #[inline(always)]
 fn parse_ipv6<C: Hook>(ctx: &C) -> Option<Flow> {
     let l4_off = ETH_HLEN + IPV6_HLEN;
-    if ctx.data() + l4_off > ctx.data_end() {
+    let (start, end) = ctx.bounds();
+    if start + l4_off > end {
         return None;
     }
     // SAFETY: the whole IPv6 header was bounds-checked just above.
     let (version, next) = unsafe {
         (
-            read::<u8, C>(ctx, ETH_HLEN) >> 4,
-            read::<u8, C>(ctx, ETH_HLEN + 6),
+            read::<u8>(start, ETH_HLEN) >> 4,
+            read::<u8>(start, ETH_HLEN + 6),
         )
     };
     if version != 6 {
@@ -120,6 +122,11 @@ fn parse_ipv6<C: Hook>(ctx: &C) -> Option<Flow> {
     // One helper copy of both addresses: unaligned direct reads would be 32 byte loads, spilled all
     // over a stack the verifier limits.
     let [saddr, daddr]: [Addr; 2] = ctx.load(ETH_HLEN + 8)?;
+    // IPv4-mapped addresses never appear on the wire (RFC 4291 2.5.5.2), and in the maps they are the
+    // IPv4 frontends and backends: an IPv6 packet naming one is not ours.
+    if is_v4_mapped(&saddr) || is_v4_mapped(&daddr) {
+        return None;
+    }
     let l4_min = match next {
         PROTO_TCP => 20,
         PROTO_UDP => 8,
@@ -146,32 +153,34 @@ fn parse_ipv6<C: Hook>(ctx: &C) -> Option<Flow> {
 /// addressed to a frontend.
 #[inline(always)]
 pub fn fragment_destination<C: Hook>(ctx: &C) -> Option<(u8, Addr)> {
-    if ctx.data() + ETH_HLEN + IPV6_HLEN + 8 <= ctx.data_end() {
+    let (start, end) = ctx.bounds();
+    if start + ETH_HLEN + IPV6_HLEN + 8 <= end {
         // SAFETY: bytes [0, ETH_HLEN + 48) were bounds-checked just above.
-        let (eth_proto, next, inner_next, daddr) = unsafe {
+        let (eth_proto, version, next, inner_next, daddr) = unsafe {
             (
-                read::<u16, C>(ctx, 12),
-                read::<u8, C>(ctx, ETH_HLEN + 6),
-                read::<u8, C>(ctx, ETH_HLEN + IPV6_HLEN),
-                read::<Addr, C>(ctx, ETH_HLEN + 24),
+                read::<u16>(start, 12),
+                read::<u8>(start, ETH_HLEN) >> 4,
+                read::<u8>(start, ETH_HLEN + 6),
+                read::<u8>(start, ETH_HLEN + IPV6_HLEN),
+                read::<Addr>(start, ETH_HLEN + 24),
             )
         };
         if eth_proto == ETH_P_IPV6_BE {
             let l4 = inner_next == PROTO_TCP || inner_next == PROTO_UDP;
-            return (next == IPV6_FRAGMENT && l4).then_some((inner_next, daddr));
+            return (version == 6 && next == IPV6_FRAGMENT && l4).then_some((inner_next, daddr));
         }
     }
-    if ctx.data() + ETH_HLEN + IPV4_MIN_HLEN > ctx.data_end() {
+    if start + ETH_HLEN + IPV4_MIN_HLEN > end {
         return None;
     }
     // SAFETY: bytes [0, ETH_HLEN + 20) were bounds-checked just above.
     let (eth_proto, version_ihl, frag, proto, daddr) = unsafe {
         (
-            read::<u16, C>(ctx, 12),
-            read::<u8, C>(ctx, ETH_HLEN),
-            read::<u16, C>(ctx, ETH_HLEN + 6),
-            read::<u8, C>(ctx, ETH_HLEN + 9),
-            read::<u32, C>(ctx, ETH_HLEN + 16),
+            read::<u16>(start, 12),
+            read::<u8>(start, ETH_HLEN),
+            read::<u16>(start, ETH_HLEN + 6),
+            read::<u8>(start, ETH_HLEN + 9),
+            read::<u32>(start, ETH_HLEN + 16),
         )
     };
     let is_fragment =

@@ -174,21 +174,6 @@ fn fold(check: u16, acc: u32) -> u16 {
     !(sum as u16)
 }
 
-/// The packet's bounds, each read once: every access must derive from the one `start` the bounds
-/// check was made on (a fresh load of `data` carries no proof), and the two adjacent 32-bit context
-/// fields are read volatile so LLVM cannot merge them into a 64-bit load and shift, which the verifier
-/// refuses on `pkt_end`.
-#[inline(always)]
-fn bounds(ctx: &XdpContext) -> (usize, usize) {
-    // SAFETY: `ctx` is the live xdp_md this program was called with.
-    unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
-            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
-        )
-    }
-}
-
 /// # Safety
 /// `[start + off, start + off + size_of::<T>())` must have been checked against the packet's end.
 #[inline(always)]
@@ -210,7 +195,7 @@ fn rewrite4(ctx: &XdpContext, flow: &Flow, entry: &ct::Entry, stat: u32) -> Opti
     }
     let tcp = flow.proto == PROTO_TCP;
     let csum_off = if tcp { 16 } else { 6 };
-    let (start, end) = bounds(ctx);
+    let (start, end) = ctx.bounds();
     if start + L4_V4 + 8 > end || tcp && start + L4_V4 + 20 > end {
         return None;
     }
@@ -268,7 +253,7 @@ fn rewrite6(ctx: &XdpContext, flow: &Flow, entry: &ct::Entry, stat: u32) -> Opti
     let to = rewrite_of(flow, entry, stat);
     let tcp = flow.proto == PROTO_TCP;
     let csum_off = if tcp { 16 } else { 6 };
-    let (start, end) = bounds(ctx);
+    let (start, end) = ctx.bounds();
     if start + L4_V6 + 8 > end || tcp && start + L4_V6 + 20 > end {
         return None;
     }
@@ -308,7 +293,7 @@ fn rewrite6(ctx: &XdpContext, flow: &Flow, entry: &ct::Entry, stat: u32) -> Opti
 
 #[inline(always)]
 fn set_macs(ctx: &XdpContext, fib_out: &FibParams) -> Option<()> {
-    let (start, end) = bounds(ctx);
+    let (start, end) = ctx.bounds();
     if start + ETH_HLEN > end {
         return None;
     }

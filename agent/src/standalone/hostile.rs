@@ -407,7 +407,7 @@ fn yaml_bombs_deep_nesting_huge_files_and_non_utf8_are_refused_quickly_and_keep_
 }
 
 /// Interesting values for the generator: each with whether it is valid.
-const IPS: [(&str, bool); 12] = [
+const IPS: [(&str, bool); 14] = [
     ("10.96.0.7", true),
     ("10.96.1.8", true),
     ("0.0.0.0", true),
@@ -418,7 +418,10 @@ const IPS: [(&str, bool); 12] = [
     ("''", false),
     ("'10.96.0.7 '", false),
     ("fd00::7", true),
-    ("'::ffff:10.96.0.7'", true),
+    ("2001:db8::96:8", true),
+    ("10.96.2.9", true),
+    // IPv4-mapped: refused (never on the wire; to the datapath it is 10.96.0.7 itself).
+    ("'::ffff:10.96.0.7'", false),
     ("x", false),
 ];
 const PORTS: [(&str, bool); 10] = [

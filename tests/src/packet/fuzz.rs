@@ -19,9 +19,8 @@
 //! 5. an ICMP/ICMPv6 error about a flow that was SNATed or hairpinned goes back to the flow's client:
 //!    its quote's source and its outer destination are the client again.
 //!
-//! Known datapath bugs (each with an `#[ignore]`d fixture in `packet_fixtures.rs`) are counted as
-//! outcomes named `KNOWN_BUG_*` rather than violations, so a run still finds new ones;
-//! `WEIR_FUZZ_STRICT=1` makes them violations again.
+//! Datapath bugs this fuzzer found (each now pinned by a fixture in `packet_fixtures.rs`) are
+//! recognised by name (`KNOWN_BUG_*`) and reported as regressions, i.e. violations.
 //!
 //! Frames come from a seeded RNG (`WEIR_FUZZ_SEED` replays a run): valid frames to frontends, backends,
 //! ClusterIPs' other ports, the node and unrelated hosts; replies to and ICMP errors about flows the
@@ -370,13 +369,10 @@ fn judge(
     Ok(family(class, v6))
 }
 
-/// A known datapath bug's outcome: counted under its name, or a violation under `WEIR_FUZZ_STRICT`.
+/// The outcome of a datapath bug this fuzzer found once (since fixed): a violation, named, so a
+/// regression says which.
 fn known(bug: &'static str) -> Result<&'static str, String> {
-    if std::env::var_os("WEIR_FUZZ_STRICT").is_some_and(|v| v != "0") {
-        Err(format!("known datapath bug {bug}"))
-    } else {
-        Ok(bug)
-    }
+    Err(format!("regression of the fixed datapath bug {bug}"))
 }
 
 /// Traffic that is not ours, touched by a known datapath bug (see `packet_fixtures.rs`' ignored
