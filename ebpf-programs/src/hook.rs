@@ -13,6 +13,8 @@ use aya_ebpf::{
 use crate::{l7, packet::Flow};
 
 pub trait Hook {
+    /// In front of a TC program that sees whatever this one passes (so a pass is counted there, once).
+    const FAST_PATH: bool;
     /// Let the packet go on its way (for XDP: to the stack, where the TC program sees it next).
     const PASS: i32;
     const DROP: i32;
@@ -35,6 +37,7 @@ pub trait Hook {
 }
 
 impl Hook for TcContext {
+    const FAST_PATH: bool = false;
     const PASS: i32 = TC_ACT_OK;
     const DROP: i32 = TC_ACT_SHOT;
 
@@ -77,6 +80,7 @@ impl Hook for TcContext {
 }
 
 impl Hook for XdpContext {
+    const FAST_PATH: bool = true;
     const PASS: i32 = xdp_action::XDP_PASS as i32;
     const DROP: i32 = xdp_action::XDP_DROP as i32;
 

@@ -229,7 +229,9 @@ fn new_flow<C: Hook>(ctx: &C, flow: &Flow, outside: bool, out: &mut ct::Entry) -
         if SERVICES.get_ptr(any_port).is_some() {
             return REJECT;
         }
-        count(STAT_PASS_NOT_SERVICE);
+        if !C::FAST_PATH {
+            count(STAT_PASS_NOT_SERVICE);
+        }
         return C::PASS;
     };
     // SAFETY: pointer from a successful lookup, read in place (a copy would cost stack); ServiceValue

@@ -52,8 +52,8 @@ pub fn ingress(ctx: &XdpContext) -> i32 {
             track(&flow, &entry);
             translate(ctx, &flow, &entry, STAT_FWD_NEW)
         }
-        // A local backend, or a reject (TC builds the RST / ICMP): the stack's.
-        NEW | crate::REJECT => pass(),
+        // A local backend, a reject (TC builds the RST / ICMP), or not a frontend: the stack's.
+        NEW | crate::REJECT | PASS => pass(),
         verdict => verdict,
     }
 }
