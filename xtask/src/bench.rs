@@ -8,6 +8,8 @@
 //!    memory (`e2e.rs`, `rules.rs`, `net.rs`).
 //! 4. L7: requests through a 90/10 weighted HTTPRoute, Weir's proxy against nginx doing the same split
 //!    (`l7.rs`).
+//! 5. NodePort forwarding rate: Weir's XDP fast path, an empty XDP_TX program and kube-proxy's rule sets
+//!    forwarding live frames from BPF_PROG_TEST_RUN to a backend on another node (`forward.rs`).
 //!
 //! Results go to `REPORT.md`, `results.json` and SVG charts (`report.rs`, `svg.rs`). An experiment that
 //! fails is reported as an error and the others still run. `--quick` measures N = 1 and 1,000 with fewer
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, ensure};
 
 mod e2e;
+mod forward;
 mod l7;
 mod maglev;
 mod net;
@@ -48,7 +51,8 @@ pub struct Args {
     /// directory (after a change to the report's code).
     #[arg(long, hide = true)]
     pub render_only: bool,
-    /// Run one experiment only (maglev, packet, e2e, l7): for working on it.
+    /// Run one experiment only (maglev, packet, e2e, l7, forward); with an existing results.json in
+    /// the output directory, only that experiment's section is replaced.
     #[arg(long, hide = true, value_name = "EXPERIMENT")]
     pub only: Option<String>,
 }
@@ -74,7 +78,7 @@ impl Profile {
 pub struct Options {
     pub profile: Profile,
     pub out_dir: PathBuf,
-    /// Run only this experiment (`maglev`, `packet`, `e2e`, `l7`); `None`: all.
+    /// Run only this experiment (`maglev`, `packet`, `e2e`, `l7`, `forward`); `None`: all.
     pub only: Option<String>,
 }
 
@@ -167,6 +171,7 @@ struct Plans {
     packet: packet::Plan,
     e2e: e2e::Plan,
     l7: l7::Plan,
+    forward: forward::Plan,
 }
 
 fn plans(profile: Profile) -> Plans {
@@ -209,6 +214,15 @@ fn plans(profile: Profile) -> Plans {
                 connections: 16,
                 fresh: true,
             },
+            forward: forward::Plan {
+                ns: vec![1, 1_000, 10_000],
+                reps: 5,
+                chunk: 65_536,
+                batch: 64,
+                round: secs(1),
+                warmup: true,
+                load_cap: secs(300),
+            },
         },
         Profile::Quick => Plans {
             maglev: maglev::Plan {
@@ -246,6 +260,15 @@ fn plans(profile: Profile) -> Plans {
                 round: secs(1),
                 connections: 16,
                 fresh: true,
+            },
+            forward: forward::Plan {
+                ns: vec![1, 1_000],
+                reps: 3,
+                chunk: 65_536,
+                batch: 64,
+                round: Duration::from_millis(500),
+                warmup: true,
+                load_cap: secs(60),
             },
         },
         Profile::Smoke => Plans {
@@ -285,14 +308,24 @@ fn plans(profile: Profile) -> Plans {
                 connections: 4,
                 fresh: true,
             },
+            // One call of a few thousand frames per mode: the code path, not a figure.
+            forward: forward::Plan {
+                ns: vec![1],
+                reps: 1,
+                chunk: 4_096,
+                batch: 64,
+                round: Duration::ZERO,
+                warmup: false,
+                load_cap: secs(30),
+            },
         },
     }
 }
 
 const LEFT_OUT: [&str; 5] = [
-    "NodePort / externalIPs / LoadBalancer IPs: Weir serves them in TC on `--external-iface` today; the \
-     XDP NodePort fast path the issue's NodePort experiment is about is not built, so that experiment \
-     awaits the NodePort (XDP) work.",
+    "NodePort end to end with connections (the forwarding experiment counts frames a node forwards, \
+     every one a new flow; externalIPs and LoadBalancer IPs take the same XDP path and are not measured \
+     apart).",
     "Socket-level load balancing for host-network clients (cgroup connect4): not measured; every client \
      here is a pod.",
     "kube-proxy's IPVS mode: IPVS is not built into this kernel (`CONFIG_IP_VS` is not set).",
@@ -349,7 +382,7 @@ pub fn render(out_dir: &Path) -> anyhow::Result<Results> {
         std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     let mut results: Results =
         serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
-    results.notes.retain(|n| n.starts_with("agent binary"));
+    results.notes.retain(|n| kept_note(n));
     results.notes.extend(NOTES.iter().map(|n| (*n).to_owned()));
     results.left_out = LEFT_OUT.iter().map(|s| (*s).to_owned()).collect();
     if let Some(e) = results.end_to_end.as_mut() {
@@ -358,6 +391,59 @@ pub fn render(out_dir: &Path) -> anyhow::Result<Results> {
     results.targets = report::targets(&results);
     report::write(out_dir, &results)?;
     Ok(results)
+}
+
+/// With `--only`, the one experiment measured replaces its section of the `results.json` already in
+/// `out_dir` (the machine, profile and other sections stay those of the run that made it, and a note
+/// says what was measured again when); without one there, `fresh` alone.
+fn merge_into_existing(out_dir: &Path, only: &str, fresh: Results) -> Results {
+    let path = out_dir.join("results.json");
+    let Some(mut old) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Results>(&t).ok())
+    else {
+        return fresh;
+    };
+    let prefix = match only {
+        "maglev" => "maglev",
+        "packet" => "per-packet",
+        "e2e" => "end to end",
+        "l7" => "L7",
+        "forward" => "forwarding",
+        _ => return fresh,
+    };
+    match only {
+        "maglev" => old.maglev = fresh.maglev,
+        "packet" => old.per_packet = fresh.per_packet,
+        "e2e" => old.end_to_end = fresh.end_to_end,
+        "l7" => old.l7 = fresh.l7,
+        _ => old.forward = fresh.forward,
+    }
+    let related = |e: &String| {
+        e.starts_with(prefix)
+            || (only == "e2e" && (e.starts_with("control plane") || e.contains(" sync: ")))
+    };
+    old.errors.retain(|e| !related(e));
+    old.errors.extend(fresh.errors.into_iter().filter(related));
+    old.notes.retain(|n| kept_note(n));
+    old.notes.push(format!(
+        "`--only {only}` ({} profile) measured again {} at {} and merged into this report; kernel {}, \
+         {} CPUs",
+        fresh.profile,
+        fresh.machine.date_utc,
+        fresh.machine.commit,
+        fresh.machine.kernel,
+        fresh.machine.nproc
+    ));
+    old.notes.extend(NOTES.iter().map(|n| (*n).to_owned()));
+    old.left_out = fresh.left_out;
+    old
+}
+
+/// Notes that belong to a run (kept when the report is re-rendered or merged), as opposed to `NOTES`,
+/// which are this code's.
+fn kept_note(n: &str) -> bool {
+    n.starts_with("agent binary") || n.starts_with("`--only")
 }
 
 /// Runs the bench and writes the report into `opts.out_dir`. Needs root and the release agent binary
@@ -448,6 +534,17 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
             Err(e) => results.errors.push(format!("end to end: {e:#}")),
         }
     }
+    if wants("forward") {
+        match forward::run(&plans.forward, &progress) {
+            Ok(f) => {
+                results
+                    .errors
+                    .extend(f.errors.iter().map(|e| format!("forwarding: {e}")));
+                results.forward = Some(f);
+            }
+            Err(e) => results.errors.push(format!("forwarding: {e:#}")),
+        }
+    }
     if wants("l7") {
         match l7::run(&plans.l7, &progress) {
             Ok(l) => {
@@ -468,6 +565,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Results> {
         }
     }
     results.elapsed_s = progress.started.elapsed().as_secs_f64();
+    if let Some(only) = opts.only.as_deref() {
+        results = merge_into_existing(&opts.out_dir, only, results);
+    }
     results.targets = report::targets(&results);
     report::write(&opts.out_dir, &results)?;
     progress.step(&format!(

@@ -48,6 +48,7 @@ fn smoke_run_covers_every_experiment() {
         "### EndpointSlice change → serving",
         "## 4. Maglev tables",
         "## 5. L7: weighted HTTPRoute vs nginx",
+        "## 6. NodePort forwarding rate (XDP live frames)",
         "## Not measured",
         "uname -r",
     ] {
@@ -166,6 +167,33 @@ fn smoke_run_covers_every_experiment() {
         assert!(num(k, "/ratios/0/ratio/median") > 0.0, "{k:#}");
     }
 
-    assert_eq!(json["targets"].as_array().map(Vec::len), Some(14));
+    // Forwarding: every mode forwarded the frames it was given, and Weir's fast path sent exactly
+    // what arrived at the far end, all of it (nothing passed to the stack).
+    let fwd = &json["forward"]["points"][0];
+    assert_eq!(fwd["services"], 1);
+    let modes = fwd["modes"].as_array().expect("forward modes");
+    assert_eq!(modes.len(), 4, "{modes:#?}");
+    for m in modes {
+        assert!(m["error"].is_null(), "{m:#}");
+        let generated = num(m, "/generated/0");
+        let delivered = num(m, "/delivered/0");
+        assert!(generated >= 4096.0, "{m:#}");
+        assert!(
+            delivered >= 0.9 * generated && delivered <= generated,
+            "{m:#}"
+        );
+        assert!(num(m, "/pps/median") > 1000.0, "{m:#}");
+        if m["mode"] == "weir_xdp" {
+            assert_eq!(m["counted_forwarded"][0], m["delivered"][0], "{m:#}");
+            assert_eq!(m["counted_passed"][0], 0, "{m:#}");
+            assert_eq!(delivered, generated, "{m:#}");
+        }
+    }
+    assert!(
+        num(fwd, "/ratios/0/ratio/median") > 0.0,
+        "Weir / empty XDP_TX: {fwd:#}"
+    );
+
+    assert_eq!(json["targets"].as_array().map(Vec::len), Some(17));
     let _ = std::fs::remove_dir_all(&out);
 }

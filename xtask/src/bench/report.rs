@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use super::e2e::{E2eResults, Mode};
+use super::forward::{self, ForwardResults};
 use super::l7::{self, L7Results};
 use super::maglev::{MaglevResults, PAPER_SIZE};
 use super::packet::PacketResults;
@@ -26,6 +27,8 @@ pub struct Results {
     pub per_packet: Option<PacketResults>,
     pub end_to_end: Option<E2eResults>,
     pub l7: Option<L7Results>,
+    /// NodePort forwarding rate (`--only forward`).
+    pub forward: Option<ForwardResults>,
     pub targets: Vec<Target>,
     /// Experiments (or parts) that failed: the report says so instead of a figure.
     pub errors: Vec<String>,
@@ -139,7 +142,13 @@ fn judge_max(
     }
 }
 
-fn judge_min(name: &str, goal: &str, value: Option<f64>, limit: f64, basis: &str) -> Target {
+pub(super) fn judge_min(
+    name: &str,
+    goal: &str,
+    value: Option<f64>,
+    limit: f64,
+    basis: &str,
+) -> Target {
     let (measured, met, margin) = match value {
         Some(v) if v.is_finite() => (
             format!("{v:.2}×"),
@@ -436,6 +445,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
         basis: format!("memlock of the agent's maps and Maglev tables, {shape}"),
     });
     t.push(l7::target(r.l7.as_ref()));
+    t.extend(forward::targets(r.forward.as_ref()));
     t
 }
 
@@ -711,6 +721,9 @@ pub fn markdown(r: &Results, charts: &[String]) -> String {
     }
     if let Some(l) = &r.l7 {
         l7::section(&mut md, l);
+    }
+    if let Some(f) = &r.forward {
+        forward::section(&mut md, f);
     }
     if !r.notes.is_empty() {
         let _ = writeln!(md, "## Notes\n");
@@ -1243,7 +1256,7 @@ mod tests {
         let r = Results::default();
         let md = markdown(&r, &[]);
         assert!(md.contains("## Targets"));
-        assert_eq!(targets(&r).len(), 14);
+        assert_eq!(targets(&r).len(), 17);
         assert!(targets(&r).iter().all(|t| t.met.is_none()));
     }
 }

@@ -524,6 +524,51 @@ fn delete_chains(out: &mut String, chains: &[String]) {
     }
 }
 
+/// kube-proxy's rules for `d` as a NodePort Service (externalTrafficPolicy Cluster) on `node_port`, added
+/// to a loaded full rule set (input for `iptables-restore --noflush`; KUBE-NODEPORTS is flushed by every
+/// full sync, so this goes in after each): the KUBE-NODEPORTS rule jumps to the service's KUBE-EXT
+/// chain, which marks for masquerade and goes on to its KUBE-SVC chain.
+pub fn iptables_nodeport(d: &ServiceDef, node_port: u16) -> String {
+    let ext = format!(
+        "KUBE-EXT-{}",
+        hash_name(&format!("{}tcp", d.port_name()), 16)
+    );
+    let name = d.port_name();
+    format!(
+        "*nat\n\
+         :{ext} - [0:0]\n\
+         -A KUBE-NODEPORTS -m comment --comment {name} -m tcp -p tcp --dport {node_port} -j {ext}\n\
+         -A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n\
+         -A {ext} -j {}\n\
+         COMMIT\n",
+        svc_chain(d)
+    )
+}
+
+/// The nftables proxier's objects for `d` as a NodePort Service on `node_port` answering on `node_ip`,
+/// added to a loaded full rule set (input for `nft -f`; a full sync flushes the maps, so this goes in
+/// after each): an `external-…` chain marking for masquerade and going to the service chain, the
+/// `service-nodeports` element that leads there, and the node IP in `nodeport-ips`.
+pub fn nft_nodeport(d: &ServiceDef, node_port: u16, node_ip: std::net::Ipv4Addr) -> String {
+    let t = NFT_TABLE;
+    let base = format!(
+        "{}/{}/tcp/{}",
+        super::scenario::NAMESPACE,
+        d.name,
+        super::scenario::PORT_NAME
+    );
+    let ext = format!("external-{}-{base}", hash_name(&base, 8));
+    let svc = nft_service_chain(d);
+    format!(
+        "add chain {t} {ext}\n\
+         flush chain {t} {ext}\n\
+         add rule {t} {ext} jump mark-for-masquerade\n\
+         add rule {t} {ext} goto {svc}\n\
+         add element {t} nodeport-ips {{ {node_ip} }}\n\
+         add element {t} service-nodeports {{ tcp . {node_port} : goto {ext} }}\n"
+    )
+}
+
 /// How a rule load ended.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Load {
