@@ -110,9 +110,9 @@ pub struct Cluster {
     shared: Arc<Shared>,
     /// Held while a name or address is checked and taken, so concurrent adds cannot both take it.
     naming: Mutex<()>,
-    /// XDP pass programs on the fabric ends of the uplinks (see [`crate::xdp_pass`]); detached when
+    /// XDP pass programs on the fabric ends of the uplinks (see [`crate::raw_bpf`]); detached when
     /// the cluster drops.
-    xdp_pass: Mutex<Vec<crate::xdp_pass::XdpPass>>,
+    xdp_pass: Mutex<Vec<crate::raw_bpf::XdpPass>>,
 }
 
 impl Cluster {
@@ -233,7 +233,7 @@ impl Cluster {
         ip(&["-n", fabric, "link", "set", port, "up"])?;
         // The agents' XDP fast path sends NodePort traffic for backends on other nodes back out of the
         // uplink (XDP_TX), which a veth delivers only to a peer that runs XDP as well.
-        let pass = crate::xdp_pass::attach(fabric, port)?;
+        let pass = crate::raw_bpf::pass_on(fabric, port)?;
         self.xdp_pass
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -20,8 +20,8 @@ pub mod metrics;
 pub mod netns;
 pub mod packet;
 pub mod raw;
+pub mod raw_bpf;
 pub mod scenario;
-pub mod xdp_pass;
 pub mod yaml;
 
 pub use agent::{Agent, agent_binary};

@@ -4,12 +4,12 @@
 
 use std::ffi::c_void;
 use std::io;
-use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd as _, BorrowedFd, OwnedFd};
+
+use weir_tests::raw_bpf;
 
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 
 /// `bpf(cmd, attr, sizeof(attr))`; the kernel zero-extends an attr shorter than its own.
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
@@ -30,45 +30,15 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-}
-
 /// Loads `r0 = 0; exit` as a TC classifier (`TC_ACT_OK` for every packet): the cost of running *a*
 /// program through BPF_PROG_TEST_RUN, which every Weir figure is reported above. No compiler involved.
 pub fn load_empty_classifier() -> io::Result<OwnedFd> {
-    // BPF_ALU64 | BPF_MOV | BPF_K, dst r0, imm 0; then BPF_JMP | BPF_EXIT.
-    let insns: [u64; 2] = [
-        u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]),
-        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
-    ];
-    let license = b"GPL\0";
-    let mut name = [0u8; 16];
-    name[..11].copy_from_slice(b"bench_empty");
-    let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_SCHED_CLS,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        prog_name: name,
-        ..ProgLoadAttr::default()
-    };
-    let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
-    // SAFETY: BPF_PROG_LOAD returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    raw_bpf::load(
+        raw_bpf::BPF_PROG_TYPE_SCHED_CLS,
+        0,
+        &raw_bpf::return_const(0),
+        "bench_empty",
+    )
 }
 
 pub use weir_tests::packet::rig::TestRun;
@@ -213,67 +183,24 @@ pub fn arena_tables(bpffs: &std::path::Path) -> anyhow::Result<(u64, usize)> {
 /// The XDP side of the forwarding experiment (`forward.rs`): raw programs, a program array for the
 /// generator's tail call, native attachment, and BPF_PROG_TEST_RUN in live-frames mode.
 pub mod xdp {
-    use super::{ProgLoadAttr, bpf};
+    use super::{bpf, raw_bpf};
     use std::io;
     use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
 
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
-    const BPF_LINK_CREATE: libc::c_long = 28;
-    const BPF_PROG_TYPE_XDP: u32 = 6;
     const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
-    const BPF_XDP: u32 = 37;
-    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
     /// Frames really go where the program sends them (kernel ≥ 5.18).
     const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 
-    /// One `struct bpf_insn`, as the little-endian u64 the kernel reads.
-    pub fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
-        let [o0, o1] = off.to_le_bytes();
-        let [i0, i1, i2, i3] = imm.to_le_bytes();
-        u64::from_le_bytes([code, (src << 4) | (dst & 0xf), o0, o1, i0, i1, i2, i3])
-    }
+    pub use weir_tests::raw_bpf::{attach_xdp as attach, insn};
 
     /// Loads raw instructions as an XDP program; the verifier's log is in the error when it refuses.
+    /// Its expected attach type is XDP, as aya loads XDP programs (`weir_ext_xdp` among them): a program
+    /// array takes only programs whose attach type matches its owner's (the generator's).
     pub fn load(insns: &[u64], name: &str) -> io::Result<OwnedFd> {
-        let license = b"GPL\0";
-        let mut prog_name = [0u8; 16];
-        for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
-            *d = s;
-        }
-        let mut log = vec![0u8; 1 << 16];
-        let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_XDP,
-            insn_cnt: insns.len() as u32,
-            insns: insns.as_ptr() as u64,
-            license: license.as_ptr() as u64,
-            prog_name,
-            // As aya loads XDP programs (`weir_ext_xdp` among them): a program array takes only
-            // programs whose attach type matches its owner's (the generator's).
-            expected_attach_type: BPF_XDP,
-            ..ProgLoadAttr::default()
-        };
-        match bpf(BPF_PROG_LOAD, &mut attr) {
-            // SAFETY: BPF_PROG_LOAD returned a new file descriptor that nothing else owns.
-            Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }),
-            Err(first) => {
-                // Again with the log, only to say why.
-                attr.log_level = 1;
-                attr.log_size = log.len() as u32;
-                attr.log_buf = log.as_mut_ptr() as u64;
-                let _ = bpf(BPF_PROG_LOAD, &mut attr);
-                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                Err(io::Error::new(
-                    first.kind(),
-                    format!(
-                        "loading {name}: {first}: {}",
-                        String::from_utf8_lossy(&log[..end])
-                    ),
-                ))
-            }
-        }
+        raw_bpf::load(raw_bpf::BPF_PROG_TYPE_XDP, raw_bpf::BPF_XDP, insns, name)
     }
 
     #[repr(C)]
@@ -320,29 +247,6 @@ pub mod xdp {
             flags: 0,
         };
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
-    }
-
-    #[repr(C)]
-    #[derive(Default)]
-    struct LinkCreateAttr {
-        prog_fd: u32,
-        target_ifindex: u32,
-        attach_type: u32,
-        flags: u32,
-    }
-
-    /// Attaches `prog` natively to interface `ifindex` of the calling thread's network namespace;
-    /// detached when the returned link closes.
-    pub fn attach(prog: BorrowedFd<'_>, ifindex: u32) -> io::Result<OwnedFd> {
-        let mut attr = LinkCreateAttr {
-            prog_fd: prog.as_raw_fd() as u32,
-            target_ifindex: ifindex,
-            attach_type: BPF_XDP,
-            flags: XDP_FLAGS_DRV_MODE,
-        };
-        let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
-        // SAFETY: BPF_LINK_CREATE returned a new file descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
     }
 
     #[repr(C)]
