@@ -492,21 +492,7 @@ impl Datapath {
                     context: format!("attaching {} to {name} ingress", hook.program()),
                     source,
                 })?;
-        let link: FdLink = prog
-            .take_link(link_id)
-            .map_err(|source| DatapathError::Program {
-                context: format!("taking the link of {name}"),
-                source,
-            })?
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| DatapathError::Io {
-                context: format!("link of {name} is not an fd link"),
-                source: io::Error::other(e.to_string()),
-            })?;
-        let link = FdLink::from(link.pin(&pin).map_err(|e| DatapathError::Io {
-            context: format!("pinning the link of {name} at {}", pin.display()),
-            source: io::Error::other(e.to_string()),
-        })?);
+        let link = pin_new_link(prog.take_link(link_id), name, &pin)?;
         self.attached.insert(
             index,
             Attachment {
@@ -564,22 +550,7 @@ impl Datapath {
                         context: format!("attaching {PROG_EXT_XDP} to {name} (native mode)"),
                         source,
                     })?;
-                let link: FdLink = prog
-                    .take_link(id)
-                    .map_err(|source| DatapathError::Program {
-                        context: format!("taking the XDP link of {name}"),
-                        source,
-                    })?
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Io {
-                        context: format!("the XDP link of {name} is not an fd link"),
-                        source: io::Error::other(e.to_string()),
-                    })?;
-                let link = FdLink::from(link.pin(&pin).map_err(|e| DatapathError::Io {
-                    context: format!("pinning the XDP link of {name} at {}", pin.display()),
-                    source: io::Error::other(e.to_string()),
-                })?);
-                (link, Attached::New)
+                (pin_new_link(prog.take_link(id), name, &pin)?, Attached::New)
             }
         };
         self.xdp.insert(
@@ -694,6 +665,33 @@ fn release(a: Attachment) {
         warn!(pin = %a.pin.display(), "cannot remove link pin: {e}");
     }
     drop(a.link);
+}
+
+/// A link just taken from its program, pinned at `pin` (so it outlives this process) and kept as an fd
+/// link, whatever the program type.
+fn pin_new_link<L>(
+    taken: Result<L, aya::programs::ProgramError>,
+    name: &str,
+    pin: &Path,
+) -> Result<FdLink, DatapathError>
+where
+    L: TryInto<FdLink, Error = aya::programs::links::LinkError>,
+{
+    let link: FdLink = taken
+        .map_err(|source| DatapathError::Program {
+            context: format!("taking the link of {name}"),
+            source,
+        })?
+        .try_into()
+        .map_err(|e| DatapathError::Io {
+            context: format!("the link of {name} is not an fd link"),
+            source: io::Error::other(e.to_string()),
+        })?;
+    let pinned = link.pin(pin).map_err(|e| DatapathError::Io {
+        context: format!("pinning the link of {name} at {}", pin.display()),
+        source: io::Error::other(e.to_string()),
+    })?;
+    Ok(FdLink::from(pinned))
 }
 
 /// Pin name prefix of the XDP links (`ext-xdp-<ifindex>`).
