@@ -10,12 +10,13 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, watch},
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use weir_common::TABLE_CHUNK_SLOTS;
 
 use crate::{
     bpffs,
     cli::Args,
+    conntrack_gc,
     datapath::{Capacities, Datapath, Hook, Maps},
     health_check::HealthCheckServers,
     http::{self, Endpoint},
@@ -103,6 +104,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         sock_revnat: args.max_sock_revnat,
     };
     let (mut datapath, maps, stats) = Datapath::load(&args.bpffs_dir, caps)?;
+    if args.conntrack_gc_interval.is_zero() {
+        bail!("--conntrack-gc-interval must be more than 0");
+    }
+    let gc = conntrack_gc::Collector::open(&args.bpffs_dir, args.conntrack_timeouts())
+        .context("conntrack garbage collector")?;
     // Traffic from outside the node (NodePort, externalIPs, LoadBalancer IPs) enters here.
     for iface in &args.external_ifaces {
         let index = nix::net::if_::if_nametoindex(iface.as_str())
@@ -161,6 +167,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             port = args.l7_proxy_port,
             "L7 proxy for HTTPRoutes listening"
         );
+    }
+    {
+        let metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("conntrack-gc".into())
+            .spawn(move || {
+                conntrack_gc::run(gc, args.conntrack_gc_interval, |pass, took| {
+                    metrics.conntrack_gc_runs.inc();
+                    metrics.conntrack_gc_deleted.inc_by(pass.deleted);
+                    metrics.conntrack_gc_duration.set(took.as_secs_f64());
+                    if pass.deleted > 0 {
+                        debug!(
+                            scanned = pass.scanned,
+                            deleted = pass.deleted,
+                            "conntrack garbage collected"
+                        );
+                    }
+                });
+            })
+            .context("starting the conntrack garbage collector")?;
     }
     metrics.set_stats_reader(stats);
     metrics.set_state(AgentState {

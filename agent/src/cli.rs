@@ -120,6 +120,40 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CONNTRACK_MAX)]
     pub max_conntrack: u32,
 
+    /// How often idle flows are removed from the conntrack maps (each pass walks both maps).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub conntrack_gc_interval: Duration,
+
+    /// Idle TCP flows the backend answered are forgotten after this (kube-proxy's flag; the kernel
+    /// setting it writes is nf_conntrack_tcp_timeout_established).
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+
+    /// Idle TCP flows closed (FIN) one way only are forgotten after this (kube-proxy's flag).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close_wait: Duration,
+
+    /// TCP flows whose backend never answered are forgotten after this idle time (the kernel's
+    /// nf_conntrack_tcp_timeout_syn_sent).
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_syn: Duration,
+
+    /// TCP flows closed (FIN) both ways are forgotten after this (nf_conntrack_tcp_timeout_time_wait).
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_time_wait: Duration,
+
+    /// TCP flows reset (RST) by either side are forgotten after this (nf_conntrack_tcp_timeout_close).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close: Duration,
+
+    /// Idle UDP flows the backend never answered are forgotten after this (kube-proxy's flag).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout: Duration,
+
+    /// Idle UDP flows the backend answered are forgotten after this (kube-proxy's flag).
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout_stream: Duration,
+
     /// Capacity of the LRU ClientIP session-affinity map (one entry per client and frontend).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_AFFINITY_MAX)]
     pub max_affinity: u32,
@@ -133,6 +167,23 @@ pub struct Args {
     /// per connected or sending socket; the oldest is forgotten first).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_SOCK_REVNAT_MAX)]
     pub max_sock_revnat: u32,
+}
+
+impl Args {
+    /// The conntrack timeouts in whole seconds (a timeout under a second is one second: the datapath
+    /// stamps entries once a second).
+    pub fn conntrack_timeouts(&self) -> crate::conntrack_gc::Timeouts {
+        let s = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+        crate::conntrack_gc::Timeouts {
+            tcp_syn: s(self.conntrack_tcp_timeout_syn),
+            tcp_established: s(self.conntrack_tcp_timeout_established),
+            tcp_close_wait: s(self.conntrack_tcp_timeout_close_wait),
+            tcp_time_wait: s(self.conntrack_tcp_timeout_time_wait),
+            tcp_close: s(self.conntrack_tcp_timeout_close),
+            udp: s(self.conntrack_udp_timeout),
+            udp_stream: s(self.conntrack_udp_timeout_stream),
+        }
+    }
 }
 
 /// `250ms`, `1s`, `2m`, or a bare number of seconds.

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod arena;
 pub mod bpffs;
 pub mod cli;
+pub mod conntrack_gc;
 pub mod datapath;
 pub mod health_check;
 pub mod http;

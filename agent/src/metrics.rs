@@ -51,6 +51,9 @@ pub struct Metrics {
     pub backends: Gauge,
     pub attached_interfaces: Gauge,
     conntrack_entries: Gauge,
+    pub conntrack_gc_runs: Counter,
+    pub conntrack_gc_deleted: Counter,
+    pub conntrack_gc_duration: Gauge<f64, AtomicU64>,
     datapath_packets: Family<ReasonLabel, Counter>,
     service_packets: Family<ServiceLabels, Counter>,
     service_bytes: Family<ServiceLabels, Counter>,
@@ -147,6 +150,24 @@ impl Metrics {
             "Connection-tracking entries (one per direction of a flow)",
             conntrack_entries.clone(),
         );
+        let conntrack_gc_runs = Counter::default();
+        registry.register(
+            "conntrack_gc_runs",
+            "Passes of the conntrack garbage collector over both conntrack maps",
+            conntrack_gc_runs.clone(),
+        );
+        let conntrack_gc_deleted = Counter::default();
+        registry.register(
+            "conntrack_gc_deleted_entries",
+            "Conntrack entries the garbage collector removed (idle flows past their --conntrack-* timeout)",
+            conntrack_gc_deleted.clone(),
+        );
+        let conntrack_gc_duration = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "conntrack_gc_last_duration_seconds",
+            "Time the last garbage-collector pass took",
+            conntrack_gc_duration.clone(),
+        );
         let datapath_packets = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "datapath_packets",
@@ -187,6 +208,9 @@ impl Metrics {
             backends,
             attached_interfaces,
             conntrack_entries,
+            conntrack_gc_runs,
+            conntrack_gc_deleted,
+            conntrack_gc_duration,
             datapath_packets,
             stats: Mutex::new(None),
             synced: AtomicBool::new(false),

@@ -193,6 +193,13 @@ pub const L7_ROUTE_TABLE: u32 = 0x5745;
 pub const CT_FORWARD: u8 = 1;
 /// `CtValue::kind`: the entry rewrites the source (backend → client becomes frontend → client).
 pub const CT_REVERSE: u8 = 2;
+/// `CtValue::flags`: a packet hit the entry after it was created (on a reverse entry: the backend
+/// replied).
+pub const CT_FLAG_SEEN: u8 = 1;
+/// `CtValue::flags`: a TCP FIN went this entry's way (cleared by a SYN: the tuple was reused).
+pub const CT_FLAG_FIN: u8 = 2;
+/// `CtValue::flags`: a TCP RST went this entry's way (cleared by a SYN).
+pub const CT_FLAG_RST: u8 = 4;
 
 /// Source address of hairpin flows as their backend sees them (169.254.42.1, link-local like Cilium's):
 /// never assigned anywhere, only the datapath translates it.
@@ -364,7 +371,9 @@ pub struct CtValue {
     pub nat_port_be: u16,
     /// `CT_FORWARD` or `CT_REVERSE`.
     pub kind: u8,
-    pub pad: u8,
+    /// `CT_FLAG_*`: what the datapath saw of the flow in this entry's direction, for the agent's
+    /// timeouts.
+    pub flags: u8,
     /// Backend chosen for the flow; a forward hit re-selects when this id no longer names `nat_addr`.
     pub backend_id: u32,
     /// The other side rewritten too, when not 0: the source on the way in (forward), the destination
@@ -373,7 +382,10 @@ pub struct CtValue {
     /// address and an allocated port, so the reply comes back through this node.
     pub peer_addr_be: u32,
     pub peer_port_be: u16,
-    pub pad2: [u8; 6],
+    pub pad2: [u8; 2],
+    /// Last packet in this direction, in whole seconds of CLOCK_MONOTONIC (`bpf_ktime_get_ns`), written
+    /// at most once a second; the agent's garbage collector expires idle flows by it.
+    pub seen_s: u32,
 }
 
 /// An IPv6 flow as seen on the wire, before translation (`MAP_CONNTRACK6`).
@@ -395,11 +407,12 @@ pub struct CtValue6 {
     pub nat_addr_be: Addr,
     pub nat_port_be: u16,
     pub kind: u8,
-    pub pad: u8,
+    pub flags: u8,
     pub backend_id: u32,
     pub peer_addr_be: Addr,
     pub peer_port_be: u16,
     pub pad2: [u8; 2],
+    pub seen_s: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
@@ -416,7 +429,7 @@ const _: () = assert!(core::mem::size_of::<ExtIface>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);
-const _: () = assert!(core::mem::size_of::<CtValue6>() == 44);
+const _: () = assert!(core::mem::size_of::<CtValue6>() == 48);
 const _: () = assert!(core::mem::size_of::<ServiceCounters>() == 16);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 

@@ -1,9 +1,15 @@
 //! Connection tracking for both families behind one interface: IPv4 flows live in `WEIR_CT` with their
 //! 16-byte key (the hot path of most clusters), IPv6 flows in `WEIR_CT6`; callers see one entry type
 //! with addresses in the maps' common form.
-use weir_common::{Addr, CtKey, CtKey6, CtValue, CtValue6, v4_mapped};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use weir_common::{
+    Addr, CT_FLAG_FIN, CT_FLAG_RST, CT_FLAG_SEEN, CtKey, CtKey6, CtValue, CtValue6, v4_mapped,
+};
 
-use crate::maps::{CONNTRACK, CONNTRACK6};
+use crate::{
+    maps::{CONNTRACK, CONNTRACK6},
+    packet::{TCP_FIN, TCP_RST, TCP_SYN},
+};
 
 /// One direction of a flow as seen on the wire: a parsed packet is its own key (its offsets unused),
 /// so the main path keeps a single copy on the stack, which the verifier limits to 512 bytes per
@@ -67,15 +73,68 @@ fn peer4(addr_be: u32) -> Addr {
     }
 }
 
-/// Fills `out` with the entry for `t` and returns true, or returns false. Out of line, and through an
-/// out-parameter: the map keys and values stay out of the caller's frame, and the BPF backend returns
-/// an aggregate as a pointer to the caller's stack, which the verifier refuses.
+/// Whole seconds of CLOCK_MONOTONIC, the agent's clock for conntrack timeouts. The coarse clock (tick
+/// resolution) is cheaper per packet and plenty for seconds.
+#[inline(always)]
+fn now_s() -> u32 {
+    // SAFETY: plain helper call reading the monotonic clock.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+/// The entry's flags after a packet with `tcp_flags` went its way: seen, FIN/RST remembered for the
+/// agent's close timeouts, and forgotten on a SYN (the client reused the tuple for a new connection).
+#[inline(always)]
+fn flags_after(flags: u8, tcp_flags: u8) -> u8 {
+    let mut f = flags | CT_FLAG_SEEN;
+    if tcp_flags & TCP_SYN != 0 {
+        f &= !(CT_FLAG_FIN | CT_FLAG_RST);
+    }
+    if tcp_flags & TCP_FIN != 0 {
+        f |= CT_FLAG_FIN;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        f |= CT_FLAG_RST;
+    }
+    f
+}
+
+/// Records that a packet went the entry's way: its time (at most one write a second, so a busy flow
+/// does not bounce the entry's cache line between CPUs) and its TCP flags.
+///
+/// # Safety
+/// `seen` and `flags` must point into a live conntrack map value.
+#[inline(always)]
+unsafe fn touch(seen: *mut u32, flags: *mut u8, tcp_flags: u8) {
+    let now = now_s();
+    // SAFETY: the caller's pointers are into a map value; racing writers store whole words of the same
+    // meaning, so the worst outcome is an older time, corrected by the next packet.
+    unsafe {
+        let old = core::ptr::read_volatile(flags);
+        let new = flags_after(old, tcp_flags);
+        if new != old {
+            core::ptr::write_volatile(flags, new);
+        }
+        if core::ptr::read_volatile(seen) != now {
+            core::ptr::write_volatile(seen, now);
+        }
+    }
+}
+
+/// Fills `out` with the entry for `t` and returns true, or returns false. With `refresh`, the packet
+/// counts as traffic of the flow (time and TCP flags recorded); an ICMP error quoting the flow does
+/// not. Out of line, and through an out-parameter: the map keys and values stay out of the caller's
+/// frame, and the BPF backend returns an aggregate as a pointer to the caller's stack, which the
+/// verifier refuses.
 #[inline(never)]
-pub fn lookup(t: &Tuple, out: &mut Entry) -> bool {
+pub fn lookup(t: &Tuple, out: &mut Entry, refresh: bool) -> bool {
     if t.v6 {
-        let Some(v) = CONNTRACK6.get_ptr(key6(t)) else {
+        let Some(v) = CONNTRACK6.get_ptr_mut(key6(t)) else {
             return false;
         };
+        if refresh {
+            // SAFETY: pointer from a successful lookup, into the map value.
+            unsafe { touch(&raw mut (*v).seen_s, &raw mut (*v).flags, t.tcp_flags) };
+        }
         // SAFETY: pointer from a successful lookup; CtValue6 is plain data, and a concurrent update
         // can at worst give a stale copy, which the callers' checks tolerate.
         let v = unsafe { &*v };
@@ -86,9 +145,13 @@ pub fn lookup(t: &Tuple, out: &mut Entry) -> bool {
         out.peer_addr = v.peer_addr_be;
         out.peer_port_be = v.peer_port_be;
     } else {
-        let Some(v) = CONNTRACK.get_ptr(key4(t)) else {
+        let Some(v) = CONNTRACK.get_ptr_mut(key4(t)) else {
             return false;
         };
+        if refresh {
+            // SAFETY: pointer from a successful lookup, into the map value.
+            unsafe { touch(&raw mut (*v).seen_s, &raw mut (*v).flags, t.tcp_flags) };
+        }
         // SAFETY: as above, for CtValue.
         let v = unsafe { &*v };
         out.nat_addr = v4_mapped(v.nat_addr_be);
@@ -114,16 +177,21 @@ pub fn exists(t: &Tuple) -> bool {
 /// the same backend from the same Maglev table).
 #[inline(always)]
 pub fn insert(t: &Tuple, e: &Entry) {
+    // A new entry has seen no packet yet in its direction; the forward one records its first packet's
+    // TCP flags (a flow picked up mid-stream may start with a FIN).
+    let flags = flags_after(0, t.tcp_flags) & !CT_FLAG_SEEN;
+    let seen_s = now_s();
     if t.v6 {
         let value = CtValue6 {
             nat_addr_be: e.nat_addr,
             nat_port_be: e.nat_port_be,
             kind: e.kind,
-            pad: 0,
+            flags,
             backend_id: e.backend_id,
             peer_addr_be: e.peer_addr,
             peer_port_be: e.peer_port_be,
             pad2: [0; 2],
+            seen_s,
         };
         let _ = CONNTRACK6.insert(key6(t), value, 0);
     } else {
@@ -131,11 +199,12 @@ pub fn insert(t: &Tuple, e: &Entry) {
             nat_addr_be: e.nat_addr[3],
             nat_port_be: e.nat_port_be,
             kind: e.kind,
-            pad: 0,
+            flags,
             backend_id: e.backend_id,
             peer_addr_be: e.peer_addr[3],
             peer_port_be: e.peer_port_be,
-            pad2: [0; 6],
+            pad2: [0; 2],
+            seen_s,
         };
         let _ = CONNTRACK.insert(key4(t), value, 0);
     }

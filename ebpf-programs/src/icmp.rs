@@ -179,8 +179,10 @@ fn translate_error6(ctx: &TcContext) -> Option<i32> {
             v6: true,
             ihl: 0,
             l4_off: 0,
+            tcp_flags: 0,
         },
         &mut entry,
+        false,
     );
     if !found {
         return None;

@@ -116,7 +116,7 @@ fn ingress(ctx: &TcContext, outside: bool) -> i32 {
     };
 
     let mut entry = ct::Entry::NONE;
-    if ct::lookup(&flow, &mut entry) {
+    if ct::lookup(&flow, &mut entry, true) {
         if entry.kind == CT_REVERSE {
             return reply(ctx, &flow, &entry);
         }
@@ -327,6 +327,7 @@ fn track(flow: &Flow, forward: &ct::Entry) {
         v6: flow.v6,
         ihl: 0,
         l4_off: 0,
+        tcp_flags: 0,
     };
     let reverse = ct::Entry {
         nat_addr: flow.daddr,

@@ -27,6 +27,30 @@ pub struct Flow {
     pub ihl: u16,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: u16,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for UDP and for keys built from entries.
+    pub tcp_flags: u8,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// Source and destination ports, and the TCP flags byte (13 bytes into the TCP header) for TCP: one
+/// helper load either way.
+#[inline(always)]
+fn ports_and_flags<C: Hook>(ctx: &C, l4_off: usize, proto: u8) -> Option<([u16; 2], u8)> {
+    if proto == PROTO_TCP {
+        let h: [u8; 14] = ctx.load(l4_off)?;
+        Some((
+            [
+                u16::from_ne_bytes([h[0], h[1]]),
+                u16::from_ne_bytes([h[2], h[3]]),
+            ],
+            h[13],
+        ))
+    } else {
+        Some((ctx.load(l4_off)?, 0))
+    }
 }
 
 use crate::hook::Hook;
@@ -86,7 +110,7 @@ pub fn parse<C: Hook>(ctx: &C) -> Option<Flow> {
     if (ctx.pkt_len() as usize) < l4_off + l4_min {
         return None;
     }
-    let ports: [u16; 2] = ctx.load(l4_off)?;
+    let (ports, tcp_flags) = ports_and_flags(ctx, l4_off, proto)?;
     Some(Flow {
         saddr: v4_mapped(saddr_be),
         daddr: v4_mapped(daddr_be),
@@ -96,6 +120,7 @@ pub fn parse<C: Hook>(ctx: &C) -> Option<Flow> {
         v6: false,
         ihl: ihl as u16,
         l4_off: l4_off as u16,
+        tcp_flags,
     })
 }
 
@@ -135,7 +160,7 @@ fn parse_ipv6<C: Hook>(ctx: &C) -> Option<Flow> {
     if (ctx.pkt_len() as usize) < l4_off + l4_min {
         return None;
     }
-    let ports: [u16; 2] = ctx.load(l4_off)?;
+    let (ports, tcp_flags) = ports_and_flags(ctx, l4_off, next)?;
     Some(Flow {
         saddr,
         daddr,
@@ -145,6 +170,7 @@ fn parse_ipv6<C: Hook>(ctx: &C) -> Option<Flow> {
         v6: true,
         ihl: IPV6_HLEN as u16,
         l4_off: l4_off as u16,
+        tcp_flags,
     })
 }
 

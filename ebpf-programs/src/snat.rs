@@ -23,6 +23,7 @@ pub fn allocate_port(node: &Addr, backend: &Backend, flow: &Flow) -> Option<u16>
         v6: flow.v6,
         ihl: 0,
         l4_off: 0,
+        tcp_flags: 0,
     };
     let mut i = 0;
     while i < TRIES {

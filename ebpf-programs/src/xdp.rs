@@ -35,7 +35,7 @@ pub fn ingress(ctx: &XdpContext) -> i32 {
         return pass();
     };
     let mut entry = ct::Entry::NONE;
-    if ct::lookup(&flow, &mut entry) {
+    if ct::lookup(&flow, &mut entry, true) {
         if entry.kind == CT_REVERSE {
             return translate(ctx, &flow, &entry, STAT_REVERSE_NAT);
         }

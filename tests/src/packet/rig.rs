@@ -127,6 +127,7 @@ pub struct Outcome {
 /// The loaded object, its programmed maps, and the namespace it runs in.
 pub struct Rig {
     _datapath: Datapath,
+    pin_dir: PathBuf,
     stats: StatsReader,
     pod: aya::programs::ProgramFd,
     ext: aya::programs::ProgramFd,
@@ -433,6 +434,7 @@ impl Rig {
         let conntrack6 = BpfHashMap::try_from(Map::LruHashMap(open(MAP_CONNTRACK6)?))?;
         Ok(Self {
             _datapath: datapath,
+            pin_dir: pin_dir.to_owned(),
             stats,
             pod: find_program(pin_dir, PROG_POD_INGRESS)?,
             ext: find_program(pin_dir, PROG_EXT_INGRESS)?,
@@ -483,6 +485,11 @@ impl Rig {
     /// `WEIR_STATS`, summed over CPUs, in `STAT_*` order.
     pub fn counters(&self) -> Vec<u64> {
         self.stats.counters()
+    }
+
+    /// Where the rig's maps are pinned (what the agent's `--bpffs-dir` would be).
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     /// The conntrack entry for a 5-tuple as on the wire, if any.

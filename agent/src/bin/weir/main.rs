@@ -150,7 +150,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Conntrack(ConntrackCommand::List { limit }) => {
             let dump = pinned.conntrack(*limit)?;
             let names = names(cli);
-            let list = view::conntrack_list(&dump.entries, dump.total, &names);
+            let now = weir_agent::conntrack_gc::monotonic_now_s();
+            let list = view::conntrack_list(&dump.entries, dump.total, &names, now);
             emit(cli.output, &list, || list.render())?;
             if let Some(note) = list.truncation_note() {
                 eprintln!("weir: {note}");

@@ -346,11 +346,12 @@ fn widen((k, v): (CtKey, CtValue)) -> (CtKey6, CtValue6) {
             nat_addr_be: mapped(v.nat_addr_be),
             nat_port_be: v.nat_port_be,
             kind: v.kind,
-            pad: 0,
+            flags: v.flags,
             backend_id: v.backend_id,
             peer_addr_be: mapped(v.peer_addr_be),
             peer_port_be: v.peer_port_be,
             pad2: [0; 2],
+            seen_s: v.seen_s,
         },
     )
 }

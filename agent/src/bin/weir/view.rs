@@ -11,8 +11,8 @@ use anyhow::{Context as _, bail};
 use serde::{Serialize, Serializer};
 use weir_agent::state::{AgentState, FrontendInfo};
 use weir_common::{
-    Backend, CT_FORWARD, CT_REVERSE, CtKey6, CtValue6, PROTO_TCP, PROTO_UDP, STAT_NAMES,
-    SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey, ServiceValue,
+    Backend, CT_FLAG_FIN, CT_FLAG_RST, CT_FLAG_SEEN, CT_FORWARD, CT_REVERSE, CtKey6, CtValue6,
+    PROTO_TCP, PROTO_UDP, STAT_NAMES, SVC_FLAG_DROP, SVC_FLAG_REJECT, ServiceKey, ServiceValue,
 };
 
 use crate::table::Table;
@@ -481,6 +481,11 @@ pub struct CtRow {
     /// The address written into the packet: the backend for forward entries, the frontend for reverse ones.
     pub nat: String,
     pub backend_id: u32,
+    /// Seconds since the last packet in this entry's direction.
+    pub idle_seconds: u32,
+    /// What the datapath saw this way: `seen` (a packet after the first; on a reverse entry, the
+    /// backend answered), `fin`, `rst`. The garbage collector's timeouts follow from them.
+    pub flags: Vec<&'static str>,
     /// The Service of the frontend involved, when the agent names it.
     pub service: Option<String>,
 }
@@ -497,7 +502,12 @@ pub struct CtList {
 }
 
 /// Builds the conntrack listing: each flow's forward entry next to its reply's reverse entry.
-pub fn conntrack_list(entries: &[(CtKey6, CtValue6)], total: u64, names: &Names) -> CtList {
+pub fn conntrack_list(
+    entries: &[(CtKey6, CtValue6)],
+    total: u64,
+    names: &Names,
+    now_s: u32,
+) -> CtList {
     let mut sorted: Vec<&(CtKey6, CtValue6)> = entries.iter().collect();
     // Order by the client end (source of a forward entry, destination of a reverse one), so a flow's two
     // entries sit together.
@@ -537,6 +547,16 @@ pub fn conntrack_list(entries: &[(CtKey6, CtValue6)], total: u64, names: &Names)
                 dst: dst.to_string(),
                 nat: nat.to_string(),
                 backend_id: v.backend_id,
+                idle_seconds: now_s.saturating_sub(v.seen_s),
+                flags: [
+                    (CT_FLAG_SEEN, "seen"),
+                    (CT_FLAG_FIN, "fin"),
+                    (CT_FLAG_RST, "rst"),
+                ]
+                .into_iter()
+                .filter(|(bit, _)| v.flags & bit != 0)
+                .map(|(_, name)| name)
+                .collect(),
                 service,
             }
         })
@@ -562,6 +582,8 @@ impl CtList {
             "DESTINATION",
             "NAT",
             "BACKEND ID",
+            "IDLE",
+            "FLAGS",
             "SERVICE",
         ]);
         for e in &self.entries {
@@ -572,6 +594,12 @@ impl CtList {
                 e.dst.clone(),
                 e.nat.clone(),
                 e.backend_id.to_string(),
+                format!("{}s", e.idle_seconds),
+                if e.flags.is_empty() {
+                    "-".to_owned()
+                } else {
+                    e.flags.join(",")
+                },
                 dash(e.service.as_deref()),
             ]);
         }
@@ -1022,6 +1050,7 @@ mod tests {
         );
         let mut v: CtValue6 = zeroed();
         (v.nat_addr_be, v.nat_port_be, v.kind, v.backend_id) = (be(nat.0), nat.1.to_be(), kind, 2);
+        (v.seen_s, v.flags) = (100, CT_FLAG_SEEN);
         (k, v)
     }
 
@@ -1037,7 +1066,7 @@ mod tests {
             ct(backend, (client, 40002), vip, CT_REVERSE),
         ];
         let st = state();
-        let list = conntrack_list(&entries, 4, &Names::new(Some(&st)));
+        let list = conntrack_list(&entries, 4, &Names::new(Some(&st)), 107);
         assert!(!list.truncated);
         let rows: Vec<(&str, &str, &str)> = list
             .entries
@@ -1063,7 +1092,7 @@ mod tests {
         let text = list.render();
         assert!(text.starts_with("DIRECTION   PROTO   SOURCE"), "{text}");
         assert!(
-            text.contains("forward     TCP     10.0.0.20:40001   10.96.0.10:80     10.0.0.11:8080   2            default/echo"),
+            text.contains("forward     TCP     10.0.0.20:40001   10.96.0.10:80     10.0.0.11:8080   2            7s     seen    default/echo"),
             "{text}"
         );
         assert_eq!(list.truncation_note(), None);
@@ -1077,7 +1106,7 @@ mod tests {
             ([10, 0, 0, 11], 8080),
             CT_FORWARD,
         )];
-        let list = conntrack_list(&entries, 7, &Names::new(None));
+        let list = conntrack_list(&entries, 7, &Names::new(None), 0);
         assert!(list.truncated);
         assert_eq!(list.shown, 1);
         assert_eq!(list.entries[0].service, None);
@@ -1087,7 +1116,7 @@ mod tests {
                 .starts_with("showing 1 of about 7 entries")
         );
         assert_eq!(
-            conntrack_list(&[], 0, &Names::new(None)).render(),
+            conntrack_list(&[], 0, &Names::new(None), 0).render(),
             "no conntrack entries\n"
         );
     }
