@@ -141,6 +141,36 @@ pub struct ExtIface {
 
 pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;
 
+/// The XDP fast path's next-hop cache (not pinned, written and read by the XDP program only): what the
+/// FIB answered for a destination entering on an interface, so an established flow's packets skip a
+/// `bpf_fib_lookup` each. Only answers that leave through an external interface with a resolved
+/// neighbour are kept.
+pub const MAP_NEXT_HOPS: &str = "WEIR_NEXT_HOPS";
+pub const NEXT_HOPS_MAX: u32 = 4_096;
+/// A cached next hop is used for this many seconds after its FIB lookup, then looked up again: a
+/// route or neighbour change reaches the fast path within 2 s.
+pub const NEXT_HOP_TTL_S: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NextHopKey {
+    /// Destination as the packet leaves (after translation).
+    pub daddr_be: Addr,
+    /// Interface the packet came in on (the FIB lookup's input interface).
+    pub ifindex: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress interface.
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// When the FIB said so, in whole seconds of CLOCK_MONOTONIC.
+    pub checked_s: u32,
+}
+
 /// First port of the range SNAT allocates from (up to 65535), as Cilium's default.
 pub const SNAT_PORT_MIN: u16 = 32_768;
 
@@ -426,6 +456,8 @@ const _: () = assert!(core::mem::size_of::<SourceRangeKey>() == 36);
 const _: () = assert!(core::mem::size_of::<SockRevKey>() == 32);
 const _: () = assert!(core::mem::size_of::<SockRevValue>() == 20);
 const _: () = assert!(core::mem::size_of::<ExtIface>() == 20);
+const _: () = assert!(core::mem::size_of::<NextHopKey>() == 20);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
 const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
 const _: () = assert!(core::mem::size_of::<CtKey6>() == 40);

@@ -76,7 +76,7 @@ fn peer4(addr_be: u32) -> Addr {
 /// Whole seconds of CLOCK_MONOTONIC, the agent's clock for conntrack timeouts. The coarse clock (tick
 /// resolution) is cheaper per packet and plenty for seconds.
 #[inline(always)]
-fn now_s() -> u32 {
+pub fn now_s() -> u32 {
     // SAFETY: plain helper call reading the monotonic clock.
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }

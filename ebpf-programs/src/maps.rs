@@ -8,8 +8,9 @@ use weir_common::{
     AffinityKey, AffinityValue, Backend, CONFIG_SLOTS, CtKey, CtKey6, CtValue, CtValue6,
     DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX, DEFAULT_CONNTRACK_MAX, DEFAULT_MAGLEV_CHUNKS,
     DEFAULT_SERVICES_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOURCE_RANGES_MAX, ExtIface,
-    MAGLEV_ARENA_FLAGS, MemberKey, STAT_SLOTS, ServiceCounters, ServiceKey, ServiceValue,
-    SockRevKey, SockRevValue, SourceRangeKey, TABLE_CHUNK_SLOTS, TableChunk,
+    MAGLEV_ARENA_FLAGS, MemberKey, NEXT_HOPS_MAX, NextHop, NextHopKey, STAT_SLOTS, ServiceCounters,
+    ServiceKey, ServiceValue, SockRevKey, SockRevValue, SourceRangeKey, TABLE_CHUNK_SLOTS,
+    TableChunk,
 };
 
 #[map(name = "WEIR_SERVICES")]
@@ -82,3 +83,8 @@ pub static SOCK_REVNAT: LruHashMap<SockRevKey, SockRevValue> =
 /// Written by the agent at start (not pinned: a new agent writes it again before attaching).
 #[map(name = "WEIR_CONFIG")]
 pub static CONFIG: Array<u64> = Array::with_max_entries(CONFIG_SLOTS, 0);
+
+/// The XDP fast path's next-hop cache (see `weir_common::MAP_NEXT_HOPS`; not pinned: a cache).
+#[map(name = "WEIR_NEXT_HOPS")]
+pub static NEXT_HOPS: LruHashMap<NextHopKey, NextHop> =
+    LruHashMap::with_max_entries(NEXT_HOPS_MAX, 0);

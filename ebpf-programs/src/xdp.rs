@@ -13,14 +13,15 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use weir_common::{
-    Addr, CT_FORWARD, CT_REVERSE, PROTO_TCP, PROTO_UDP, STAT_FWD_ESTABLISHED, STAT_FWD_NEW,
-    STAT_REVERSE_NAT, STAT_XDP_FORWARDED, STAT_XDP_PASS, ServiceKey,
+    Addr, CT_FORWARD, CT_REVERSE, NEXT_HOP_TTL_S, NextHop, NextHopKey, PROTO_TCP, PROTO_UDP,
+    STAT_FWD_ESTABLISHED, STAT_FWD_NEW, STAT_REVERSE_NAT, STAT_XDP_FORWARDED, STAT_XDP_PASS,
+    ServiceKey,
 };
 
 use crate::{
     NEW, backend_still_valid, ct, fib,
     hook::Hook,
-    maps::EXT_IFACES,
+    maps::{EXT_IFACES, NEXT_HOPS},
     new_flow,
     packet::{self, ETH_HLEN, Flow, IPV4_MIN_HLEN, IPV6_HLEN},
     stats::{count, count_service},
@@ -107,11 +108,13 @@ fn rewrite_of<'a>(flow: &'a Flow, entry: &'a ct::Entry, stat: u32) -> Rewrite<'a
 #[inline(never)]
 fn translate(ctx: &XdpContext, flow: &Flow, entry: &ct::Entry, stat: u32) -> i32 {
     let to = rewrite_of(flow, entry, stat);
-    // SAFETY: FibParams is a plain C struct of integers and unions of integers; all-zero is valid.
-    let mut fib_out: FibParams = unsafe { core::mem::zeroed() };
-    if fib::lookup(ctx, to.saddr, to.daddr, flow.proto, &mut fib_out) != BPF_FIB_LKUP_RET_SUCCESS
-        || EXT_IFACES.get_ptr(fib_out.ifindex).is_none()
-    {
+    let mut hop = NextHop {
+        ifindex: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+        checked_s: 0,
+    };
+    if !next_hop(ctx, to.saddr, to.daddr, flow.proto, &mut hop) {
         return pass();
     }
     let done = if flow.v6 {
@@ -119,16 +122,56 @@ fn translate(ctx: &XdpContext, flow: &Flow, entry: &ct::Entry, stat: u32) -> i32
     } else {
         rewrite4(ctx, flow, entry, stat)
     };
-    if done.is_none() || set_macs(ctx, &fib_out).is_none() {
+    if done.is_none() || set_macs(ctx, &hop).is_none() {
         // Nothing was written (each rewrite checks every bound before its first store).
         return pass();
     }
     account(ctx.pkt_len(), flow, entry, stat);
-    if fib_out.ifindex == ctx.ifindex() {
+    if hop.ifindex == ctx.ifindex() {
         return xdp_action::XDP_TX as i32;
     }
     // SAFETY: plain helper call with an ifindex the FIB returned.
-    unsafe { bpf_redirect(fib_out.ifindex, 0) as i32 }
+    unsafe { bpf_redirect(hop.ifindex, 0) as i32 }
+}
+
+/// Where a packet from `saddr` to `daddr` goes: from the next-hop cache while its answer is younger
+/// than `NEXT_HOP_TTL_S`, else from the FIB (then cached). False when the FIB cannot give a resolved
+/// next hop through an external interface: the stack's (TC's) packet then. The cache is keyed by
+/// destination and input interface, not source: the node's routes to pods and clients do not depend
+/// on which of the node's own addresses a translated packet carries. Out of line: the FIB parameters
+/// (64 bytes) stay out of `translate`'s frame.
+#[inline(never)]
+fn next_hop(ctx: &XdpContext, saddr: &Addr, daddr: &Addr, proto: u8, out: &mut NextHop) -> bool {
+    let key = NextHopKey {
+        daddr_be: *daddr,
+        ifindex: ctx.ifindex(),
+    };
+    let now = ct::now_s();
+    if let Some(cached) = NEXT_HOPS.get_ptr(key) {
+        // SAFETY: pointer from a successful lookup, read in place; NextHop is plain data, written
+        // whole by inserts.
+        let cached = unsafe { &*cached };
+        if now.wrapping_sub(cached.checked_s) < NEXT_HOP_TTL_S {
+            out.ifindex = cached.ifindex;
+            out.smac = cached.smac;
+            out.dmac = cached.dmac;
+            return true;
+        }
+    }
+    // SAFETY: FibParams is a plain C struct of integers and unions of integers; all-zero is valid.
+    let mut fib_out: FibParams = unsafe { core::mem::zeroed() };
+    if fib::lookup(ctx, saddr, daddr, proto, &mut fib_out) != BPF_FIB_LKUP_RET_SUCCESS
+        || EXT_IFACES.get_ptr(fib_out.ifindex).is_none()
+    {
+        return false;
+    }
+    out.ifindex = fib_out.ifindex;
+    out.smac = fib_out.smac;
+    out.dmac = fib_out.dmac;
+    out.checked_s = now;
+    // An LRU insert only fails on allocation failure: the next packet asks the FIB again.
+    let _ = NEXT_HOPS.insert(key, out, 0);
+    true
 }
 
 /// Counters of a packet the fast path sent: its kind, the fast path's own, and its frontend's traffic.
@@ -292,7 +335,7 @@ fn rewrite6(ctx: &XdpContext, flow: &Flow, entry: &ct::Entry, stat: u32) -> Opti
 }
 
 #[inline(always)]
-fn set_macs(ctx: &XdpContext, fib_out: &FibParams) -> Option<()> {
+fn set_macs(ctx: &XdpContext, hop: &NextHop) -> Option<()> {
     let (start, end) = ctx.bounds();
     if start + ETH_HLEN > end {
         return None;
@@ -301,8 +344,8 @@ fn set_macs(ctx: &XdpContext, fib_out: &FibParams) -> Option<()> {
     while i < 6 {
         // SAFETY: `i < 6` keeps both writes inside the Ethernet header checked above.
         unsafe {
-            *at::<u8>(start, i) = fib_out.dmac[i];
-            *at::<u8>(start, 6 + i) = fib_out.smac[i];
+            *at::<u8>(start, i) = hop.dmac[i];
+            *at::<u8>(start, 6 + i) = hop.smac[i];
         }
         i += 1;
     }

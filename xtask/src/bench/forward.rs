@@ -1155,8 +1155,9 @@ pub fn section(md: &mut String, f: &ForwardResults) {
     let _ = writeln!(
         md,
         "\n`drop_snat_exhausted` is Weir finding no free source port for a new flow's SNAT: in the new-flow \
-         rounds because the flood fills its conntrack table (LRU, entries never expire) with flows \
-         holding ports; in the established rounds at N ≥ 1k because those follow the previous N's \
+         rounds because the flood fills its conntrack table (LRU) with flows holding ports (the agent's \
+         collector forgets an unanswered SYN after 120 s, `--conntrack-tcp-timeout-syn`, as the kernel \
+         does; a run lasts less than that, and the bench programs the maps without the agent); in the established rounds at N ≥ 1k because those follow the previous N's \
          new-flow rounds, whose stale entries still hold ports, so the established flows the flood \
          evicted cannot be tracked again and are dropped frame after frame (each after a full port \
          search, which also slows the rest). Netfilter's table, whose unreplied entries time out and are \
