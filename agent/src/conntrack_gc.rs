@@ -140,6 +140,8 @@ trait Entry: Pod {
     const MAP: &'static str;
     fn kind(&self) -> u8;
     fn side(&self) -> Side;
+    /// The entry with its time set to `now_s`.
+    fn stamped(self, now_s: u32) -> Self;
     /// The key of the other entry of the same flow.
     fn partner(&self, key: &Self::Key) -> Self::Key;
     fn proto(key: &Self::Key) -> u8;
@@ -184,6 +186,9 @@ impl Entry for CtValue {
             flags: self.flags,
         }
     }
+    fn stamped(self, seen_s: u32) -> Self {
+        Self { seen_s, ..self }
+    }
     fn partner(&self, k: &CtKey) -> CtKey {
         let (saddr_be, sport_be, daddr_be, dport_be) = partner_ends(
             self.kind,
@@ -221,6 +226,9 @@ impl Entry for CtValue6 {
             seen_s: self.seen_s,
             flags: self.flags,
         }
+    }
+    fn stamped(self, seen_s: u32) -> Self {
+        Self { seen_s, ..self }
     }
     fn partner(&self, k: &CtKey6) -> CtKey6 {
         let (saddr_be, sport_be, daddr_be, dport_be) = partner_ends(
@@ -303,9 +311,16 @@ fn sweep<V: Entry>(
     // Collected first and deleted after the walk: deleting the walk's current key would restart it
     // from the first key.
     let mut doomed: Vec<(V::Key, u32)> = Vec::new();
+    let mut unstamped: Vec<V::Key> = Vec::new();
     for item in map.iter().take(bound) {
         let Ok((key, value)) = item else { continue };
         pass.scanned += 1;
+        if value.side().seen_s == 0 {
+            // Written by a datapath that did not stamp entries (an older agent's pinned map): its
+            // idle time counts from now, rather than from boot, which would expire live flows.
+            unstamped.push(key);
+            continue;
+        }
         let partner_key = value.partner(&key);
         // Only a true partner counts: an entry of the opposite kind that points back at this one.
         let partner = map
@@ -318,6 +333,14 @@ fn sweep<V: Entry>(
         };
         if timeouts.expired(now_s, V::proto(&key), forward, reverse) {
             doomed.push((key, value.side().seen_s));
+        }
+    }
+    for key in unstamped {
+        if let Ok(v) = map.get(&key, 0)
+            && v.side().seen_s == 0
+        {
+            // A lost race with the datapath stamping it is harmless: both write "now".
+            let _ = map.insert(key, v.stamped(now_s), 0);
         }
     }
     for (key, seen_s) in doomed {

@@ -373,3 +373,59 @@ fn agent_conntrack(lab: &Lab) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Entries an older datapath left unstamped (`seen_s` 0, e.g. in maps pinned before an upgrade) are
+/// adopted: their idle time counts from the collector's first look, not from boot, so live flows are
+/// not expired by the upgrade.
+#[test]
+fn unstamped_entries_are_adopted_not_expired() {
+    rig::with_rig(|rig| {
+        let established = [(true, SYN), (false, SYN | ACK), (true, ACK)];
+        let (c, vip, backend) = tcp_flow(rig, 1, &established);
+        let open = || {
+            let data = aya::maps::MapData::from_pin(rig.pin_dir().join(weir_common::MAP_CONNTRACK))
+                .expect("pinned WEIR_CT");
+            aya::maps::HashMap::<_, weir_common::CtKey, weir_common::CtValue>::try_from(
+                aya::maps::Map::LruHashMap(data),
+            )
+            .expect("WEIR_CT as a hash map")
+        };
+        let mut ct = open();
+        let keys: Vec<weir_common::CtKey> = ct.keys().map(|k| k.expect("key")).collect();
+        assert_eq!(keys.len(), 2, "one flow, two entries");
+        for k in &keys {
+            let v = ct.get(k, 0).expect("entry");
+            ct.insert(k, weir_common::CtValue { seen_s: 0, ..v }, 0)
+                .expect("unstamp");
+        }
+        let mut collector = Collector::open(rig.pin_dir(), TIMEOUTS).expect("open the maps");
+        let later = monotonic_now_s() + 1_000;
+        assert_eq!(
+            collector.pass(later).expect("pass").deleted,
+            0,
+            "adopted, not expired"
+        );
+        let flow = Flow {
+            name: "unstamped",
+            forward: (c, vip),
+            reverse: (backend, c),
+            proto: PROTO_TCP,
+            timeout: TIMEOUTS.tcp_established,
+        };
+        assert_eq!(present(rig, &flow), (true, true));
+        for k in &keys {
+            assert_eq!(
+                ct.get(k, 0).expect("entry").seen_s,
+                later,
+                "stamped at the first look"
+            );
+        }
+        let expired = later + TIMEOUTS.tcp_established + 1;
+        assert_eq!(
+            collector.pass(expired).expect("pass").deleted,
+            2,
+            "then expired as usual"
+        );
+        assert_eq!(present(rig, &flow), (false, false));
+    });
+}
