@@ -174,87 +174,54 @@ fn partner_ends<A: Copy + PartialEq>(
     }
 }
 
-impl Entry for CtValue {
-    type Key = CtKey;
-    const MAP: &'static str = MAP_CONNTRACK;
-    fn kind(&self) -> u8 {
-        self.kind
-    }
-    fn side(&self) -> Side {
-        Side {
-            seen_s: self.seen_s,
-            flags: self.flags,
+/// The two families' entries have the same fields, of different address types.
+macro_rules! conntrack_entry {
+    ($value:ty, $key:ident, $map:expr, $none:expr) => {
+        impl Entry for $value {
+            type Key = $key;
+            const MAP: &'static str = $map;
+            fn kind(&self) -> u8 {
+                self.kind
+            }
+            fn side(&self) -> Side {
+                Side {
+                    seen_s: self.seen_s,
+                    flags: self.flags,
+                }
+            }
+            fn stamped(self, seen_s: u32) -> Self {
+                Self { seen_s, ..self }
+            }
+            fn partner(&self, k: &$key) -> $key {
+                let (saddr_be, sport_be, daddr_be, dport_be) = partner_ends(
+                    self.kind,
+                    (k.saddr_be, k.sport_be, k.daddr_be, k.dport_be),
+                    (
+                        self.nat_addr_be,
+                        self.nat_port_be,
+                        self.peer_addr_be,
+                        self.peer_port_be,
+                    ),
+                    $none,
+                );
+                $key {
+                    saddr_be,
+                    daddr_be,
+                    sport_be,
+                    dport_be,
+                    proto: k.proto,
+                    pad: [0; 3],
+                }
+            }
+            fn proto(key: &$key) -> u8 {
+                key.proto
+            }
         }
-    }
-    fn stamped(self, seen_s: u32) -> Self {
-        Self { seen_s, ..self }
-    }
-    fn partner(&self, k: &CtKey) -> CtKey {
-        let (saddr_be, sport_be, daddr_be, dport_be) = partner_ends(
-            self.kind,
-            (k.saddr_be, k.sport_be, k.daddr_be, k.dport_be),
-            (
-                self.nat_addr_be,
-                self.nat_port_be,
-                self.peer_addr_be,
-                self.peer_port_be,
-            ),
-            0,
-        );
-        CtKey {
-            saddr_be,
-            daddr_be,
-            sport_be,
-            dport_be,
-            proto: k.proto,
-            pad: [0; 3],
-        }
-    }
-    fn proto(key: &CtKey) -> u8 {
-        key.proto
-    }
+    };
 }
 
-impl Entry for CtValue6 {
-    type Key = CtKey6;
-    const MAP: &'static str = MAP_CONNTRACK6;
-    fn kind(&self) -> u8 {
-        self.kind
-    }
-    fn side(&self) -> Side {
-        Side {
-            seen_s: self.seen_s,
-            flags: self.flags,
-        }
-    }
-    fn stamped(self, seen_s: u32) -> Self {
-        Self { seen_s, ..self }
-    }
-    fn partner(&self, k: &CtKey6) -> CtKey6 {
-        let (saddr_be, sport_be, daddr_be, dport_be) = partner_ends(
-            self.kind,
-            (k.saddr_be, k.sport_be, k.daddr_be, k.dport_be),
-            (
-                self.nat_addr_be,
-                self.nat_port_be,
-                self.peer_addr_be,
-                self.peer_port_be,
-            ),
-            [0; 4],
-        );
-        CtKey6 {
-            saddr_be,
-            daddr_be,
-            sport_be,
-            dport_be,
-            proto: k.proto,
-            pad: [0; 3],
-        }
-    }
-    fn proto(key: &CtKey6) -> u8 {
-        key.proto
-    }
-}
+conntrack_entry!(CtValue, CtKey, MAP_CONNTRACK, 0);
+conntrack_entry!(CtValue6, CtKey6, MAP_CONNTRACK6, [0; 4]);
 
 /// The collector's handles on the pinned conntrack maps.
 pub struct Collector {
