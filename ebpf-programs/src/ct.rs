@@ -3,7 +3,8 @@
 //! with addresses in the maps' common form.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use weir_common::{
-    Addr, CT_FLAG_FIN, CT_FLAG_RST, CT_FLAG_SEEN, CtKey, CtKey6, CtValue, CtValue6, v4_mapped,
+    Addr, CT_FLAG_FIN, CT_FLAG_RST, CT_FLAG_SEEN, CT_FORWARD, CT_REVERSE, CtKey, CtKey6, CtValue,
+    CtValue6, v4_mapped,
 };
 
 use crate::{
@@ -164,12 +165,81 @@ pub fn lookup(t: &Tuple, out: &mut Entry, refresh: bool) -> bool {
     true
 }
 
+/// True when the reverse key `reply` belongs to a live flow: it exists and its forward entry, found
+/// through it, still points back at it. A reverse entry whose forward entry the LRU evicted (or a
+/// newer flow of the same client tuple replaced) is stale: no client packet can reach its flow any
+/// more, so its key may be taken over (SNAT reuses such ports; otherwise they would pile up until the
+/// agent's garbage collector came by). Values are read in place. Inlined: as a subprogram called from
+/// the SNAT search loop, the verifier explored over a million instructions.
 #[inline(always)]
-pub fn exists(t: &Tuple) -> bool {
-    if t.v6 {
-        CONNTRACK6.get_ptr(key6(t)).is_some()
+pub fn reply_taken(reply: &Tuple) -> bool {
+    if reply.v6 {
+        let Some(r) = CONNTRACK6.get_ptr(key6(reply)) else {
+            return false;
+        };
+        // SAFETY: pointer from a successful lookup; CtValue6 is plain data (a racing update at worst
+        // gives a mixed value, which only makes the answer "taken" or "stale" for one port).
+        let r = unsafe { &*r };
+        if r.kind != CT_REVERSE {
+            return true;
+        }
+        let peer = !is_none(&r.peer_addr_be);
+        let forward = CtKey6 {
+            saddr_be: if peer { r.peer_addr_be } else { reply.daddr },
+            daddr_be: r.nat_addr_be,
+            sport_be: if peer { r.peer_port_be } else { reply.dport_be },
+            dport_be: r.nat_port_be,
+            proto: reply.proto,
+            pad: [0; 3],
+        };
+        let Some(f) = CONNTRACK6.get_ptr(forward) else {
+            return false;
+        };
+        // SAFETY: as above.
+        let f = unsafe { &*f };
+        let (peer_addr, peer_port) = if peer {
+            (reply.daddr, reply.dport_be)
+        } else {
+            ([0; 4], 0)
+        };
+        f.kind == CT_FORWARD
+            && f.nat_addr_be == reply.saddr
+            && f.nat_port_be == reply.sport_be
+            && f.peer_addr_be == peer_addr
+            && f.peer_port_be == peer_port
     } else {
-        CONNTRACK.get_ptr(key4(t)).is_some()
+        let Some(r) = CONNTRACK.get_ptr(key4(reply)) else {
+            return false;
+        };
+        // SAFETY: as above, for CtValue.
+        let r = unsafe { &*r };
+        if r.kind != CT_REVERSE {
+            return true;
+        }
+        let peer = r.peer_addr_be != 0;
+        let forward = CtKey {
+            saddr_be: if peer { r.peer_addr_be } else { reply.daddr[3] },
+            daddr_be: r.nat_addr_be,
+            sport_be: if peer { r.peer_port_be } else { reply.dport_be },
+            dport_be: r.nat_port_be,
+            proto: reply.proto,
+            pad: [0; 3],
+        };
+        let Some(f) = CONNTRACK.get_ptr(forward) else {
+            return false;
+        };
+        // SAFETY: as above.
+        let f = unsafe { &*f };
+        let (peer_addr, peer_port) = if peer {
+            (reply.daddr[3], reply.dport_be)
+        } else {
+            (0, 0)
+        };
+        f.kind == CT_FORWARD
+            && f.nat_addr_be == reply.saddr[3]
+            && f.nat_port_be == reply.sport_be
+            && f.peer_addr_be == peer_addr
+            && f.peer_port_be == peer_port
     }
 }
 

@@ -20,9 +20,22 @@ fn fold(a: &[u32; 4]) -> u32 {
 }
 
 #[inline(always)]
-pub fn hash(flow: &Flow) -> u32 {
+fn mix(flow: &Flow) -> u64 {
     let addrs = ((fold(&flow.saddr) as u64) << 32) | fold(&flow.daddr) as u64;
     let ports = ((flow.sport_be as u64) << 24) | ((flow.dport_be as u64) << 8) | flow.proto as u64;
-    let h = fmix64(fmix64(addrs) ^ ports);
+    fmix64(fmix64(addrs) ^ ports)
+}
+
+#[inline(always)]
+pub fn hash(flow: &Flow) -> u32 {
+    let h = mix(flow);
     (h ^ (h >> 32)) as u32
+}
+
+/// A second hash of the flow, independent of [`hash`]: flows that picked the same backend (their
+/// Maglev hashes alike modulo the table) must not also search the same SNAT ports.
+#[inline(always)]
+pub fn hash64_other(flow: &Flow) -> u64 {
+    // Any constant with bits spread over the word: the golden ratio's.
+    fmix64(mix(flow) ^ 0x9e37_79b9_7f4a_7c15)
 }

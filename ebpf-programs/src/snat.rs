@@ -5,15 +5,28 @@ use weir_common::{Addr, Backend, SNAT_PORT_MIN};
 use crate::{ct, flow, packet::Flow};
 
 /// Candidates tried before giving up (the flow is then dropped and counted, and the client retries).
+/// With double hashing each try is an independent draw, so at a port-space occupancy of one half 16
+/// tries all fail about once in 65,536 new flows.
 const TRIES: u32 = 16;
 
 /// A port whose reply key is free: the client's own port when it is in range and unused (so most flows
-/// keep their port, as the kernel's masquerade does), else ports spread by the flow hash.
+/// keep their port, as the kernel's masquerade does, and a flow whose forward entry was evicted gets
+/// its old port back), else ports drawn by double hashing. A reply key whose flow is gone (see
+/// [`ct::reply_taken`]) counts as free.
 #[inline(always)]
 pub fn allocate_port(node: &Addr, backend: &Backend, flow: &Flow) -> Option<u16> {
-    let span = u32::from(u16::MAX - SNAT_PORT_MIN) + 1;
+    const SPAN: u32 = (u16::MAX - SNAT_PORT_MIN) as u32 + 1;
+    const _: () = assert!(
+        SPAN.is_power_of_two(),
+        "an odd stride must visit every port"
+    );
     let own = u16::from_be(flow.sport_be);
-    let seed = flow::hash(flow);
+    // Start and stride from an independent hash: with one stride for all flows (linear probing),
+    // flows starting near each other walk the same ports, and runs of taken ports grow until 16 tries
+    // are not enough long before the ports run out.
+    let h = flow::hash64_other(flow);
+    let start = h as u32;
+    let stride = (h >> 32) as u32 | 1;
     let mut reply = ct::Tuple {
         saddr: backend.addr_be,
         daddr: *node,
@@ -30,12 +43,11 @@ pub fn allocate_port(node: &Addr, backend: &Backend, flow: &Flow) -> Option<u16>
         let port = if i == 0 && own >= SNAT_PORT_MIN {
             own
         } else {
-            // 2654435761: Knuth's multiplicative hash step, so successive tries scatter.
-            let offset = seed.wrapping_add(i.wrapping_mul(2_654_435_761)) % span;
+            let offset = start.wrapping_add(i.wrapping_mul(stride)) % SPAN;
             SNAT_PORT_MIN + offset as u16
         };
         reply.dport_be = port.to_be();
-        if !ct::exists(&reply) {
+        if !ct::reply_taken(&reply) {
             return Some(port.to_be());
         }
         i += 1;

@@ -494,28 +494,26 @@ impl Rig {
 
     /// The conntrack entry for a 5-tuple as on the wire, if any.
     pub fn conntrack(&self, src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Option<CtValue> {
-        let key = CtKey {
-            saddr_be: u32::from(*src.ip()).to_be(),
-            daddr_be: u32::from(*dst.ip()).to_be(),
-            sport_be: src.port().to_be(),
-            dport_be: dst.port().to_be(),
-            proto,
-            pad: [0; 3],
-        };
-        self.conntrack.get(&key, 0).ok()
+        self.conntrack.get(&ct_key(src, dst, proto), 0).ok()
     }
 
     /// The IPv6 conntrack entry (`WEIR_CT6`) for a 5-tuple as on the wire, if any.
     pub fn conntrack6(&self, src: SocketAddrV6, dst: SocketAddrV6, proto: u8) -> Option<CtValue6> {
-        let key = CtKey6 {
-            saddr_be: addr_of(IpAddr::V6(*src.ip())),
-            daddr_be: addr_of(IpAddr::V6(*dst.ip())),
-            sport_be: src.port().to_be(),
-            dport_be: dst.port().to_be(),
-            proto,
-            pad: [0; 3],
-        };
-        self.conntrack6.get(&key, 0).ok()
+        self.conntrack6.get(&ct_key6(src, dst, proto), 0).ok()
+    }
+
+    /// Deletes the conntrack entry of a 5-tuple of either family, as an LRU eviction would; true when
+    /// there was one.
+    pub fn forget(&mut self, src: SocketAddr, dst: SocketAddr, proto: u8) -> bool {
+        match (src, dst) {
+            (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+                self.conntrack.remove(&ct_key(s, d, proto)).is_ok()
+            }
+            (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+                self.conntrack6.remove(&ct_key6(s, d, proto)).is_ok()
+            }
+            _ => false,
+        }
     }
 
     /// The kind (`CT_FORWARD`, `CT_REVERSE`) of the conntrack entry of a 5-tuple of either family.
@@ -567,6 +565,28 @@ impl Rig {
     pub fn is_backend(&self, addr: impl Into<SocketAddr>, proto: u8) -> bool {
         let addr = addr.into();
         self.backends.contains(&(addr.ip(), addr.port(), proto))
+    }
+}
+
+fn ct_key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> CtKey {
+    CtKey {
+        saddr_be: u32::from(*src.ip()).to_be(),
+        daddr_be: u32::from(*dst.ip()).to_be(),
+        sport_be: src.port().to_be(),
+        dport_be: dst.port().to_be(),
+        proto,
+        pad: [0; 3],
+    }
+}
+
+fn ct_key6(src: SocketAddrV6, dst: SocketAddrV6, proto: u8) -> CtKey6 {
+    CtKey6 {
+        saddr_be: addr_of(IpAddr::V6(*src.ip())),
+        daddr_be: addr_of(IpAddr::V6(*dst.ip())),
+        sport_be: src.port().to_be(),
+        dport_be: dst.port().to_be(),
+        proto,
+        pad: [0; 3],
     }
 }
 
