@@ -454,6 +454,12 @@ impl ServiceSpec {
                     .or_else(|| a.get(ANNOTATION_TOPOLOGY_HINTS))
             })
             .is_some_and(|v| v != "Disabled" && v != "disabled" && !v.is_empty());
+        // Kept for as long as the Service exists: no growth slack.
+        cluster_ips.shrink_to_fit();
+        ports.shrink_to_fit();
+        external_ips.shrink_to_fit();
+        lb_ips.shrink_to_fit();
+        source_ranges.shrink_to_fit();
         Ok(Some(ServiceSpec {
             id,
             cluster_ips,
@@ -567,6 +573,10 @@ impl SliceSpec {
                 });
             }
         }
+        // Kept for as long as the slice exists (10k Services × 10 endpoints: growth slack alone was
+        // ~6 MB of the agent's RSS).
+        ports.shrink_to_fit();
+        endpoints.shrink_to_fit();
         Ok(Some(SliceSpec {
             service: NsName {
                 namespace: id.namespace.clone(),
@@ -865,16 +875,48 @@ pub struct DesiredCache {
     /// How many entries claim each frontend (more than one only when Services clash).
     claims: std::collections::HashMap<Frontend, u32>,
     node: NodeContext,
+    /// The slices of the last update, in the snapshot's (id) order: a change is found by walking
+    /// both in step, comparing pointers, without looking anything up by name.
+    seen_slices: Vec<Arc<SliceSpec>>,
 }
 
 struct CacheEntry {
     spec: Arc<ServiceSpec>,
-    slices: Vec<Arc<SliceSpec>>,
     frontends: Vec<(Frontend, Arc<FrontendState>)>,
 }
 
+/// Walks two sequences sorted by the same key in step: `f(old, new)` for every key in either. Items
+/// that are `same` (the very object kept from the last update) are paired without comparing keys:
+/// most are, and comparing two names costs more than the rest of a step.
+fn merge_join<O, N, K: Ord + ?Sized>(
+    old: impl IntoIterator<Item = O>,
+    new: impl IntoIterator<Item = N>,
+    keys: (impl Fn(&O) -> &K, impl Fn(&N) -> &K),
+    same: impl Fn(&O, &N) -> bool,
+    mut f: impl FnMut(Option<O>, Option<N>),
+) {
+    let (old_key, new_key) = keys;
+    let (mut old, mut new) = (old.into_iter().peekable(), new.into_iter().peekable());
+    loop {
+        let order = match (old.peek(), new.peek()) {
+            (None, None) => return,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(o), Some(n)) if same(o, n) => std::cmp::Ordering::Equal,
+            (Some(o), Some(n)) => old_key(o).cmp(new_key(n)),
+        };
+        match order {
+            std::cmp::Ordering::Less => f(old.next(), None),
+            std::cmp::Ordering::Greater => f(None, new.next()),
+            std::cmp::Ordering::Equal => f(old.next(), new.next()),
+        }
+    }
+}
+
 impl DesiredCache {
-    /// The desired state for `snapshot`, and how many Services had to be recomputed.
+    /// The desired state for `snapshot`, and how many Services had to be recomputed. The cost of an
+    /// update that changes one Service is two walks over the snapshot (no lookups by name, no
+    /// allocation per Service) and the recomputation of that Service.
     pub fn update(&mut self, snapshot: &Snapshot, node: &NodeContext) -> (Desired, usize) {
         if *node != self.node {
             self.entries.clear();
@@ -882,35 +924,91 @@ impl DesiredCache {
             self.claims.clear();
             self.node = node.clone();
         }
-        let mut by_service: std::collections::HashMap<&NsName, Vec<&Arc<SliceSpec>>> =
-            std::collections::HashMap::with_capacity(snapshot.slices.len());
-        for slice in snapshot.slices.values() {
-            by_service.entry(&slice.service).or_default().push(slice);
+        // Services whose slices were added, removed or replaced since the last update.
+        // Sets of names, not hashes: usually empty or one, so a lookup is a comparison or none
+        // instead of hashing a name for every Service.
+        let mut dirty: BTreeSet<&NsName> = BTreeSet::new();
+        let mut slices_changed = false;
+        merge_join(
+            &self.seen_slices,
+            snapshot.slices.iter(),
+            (
+                |o: &&Arc<SliceSpec>| &o.id,
+                |(id, _): &(&NsName, &Arc<SliceSpec>)| *id,
+            ),
+            |o, (_, n)| Arc::ptr_eq(o, n),
+            |old, new| {
+                let same = matches!((old, new), (Some(o), Some((_, n))) if Arc::ptr_eq(o, n));
+                if !same {
+                    slices_changed = true;
+                    dirty.extend(old.map(|o| &o.service));
+                    dirty.extend(new.map(|(_, n)| &n.service));
+                }
+            },
+        );
+
+        // Services to recompute (new, changed, or with changed slices) and Services gone.
+        let mut recompute: Vec<(&NsName, &Arc<ServiceSpec>)> = Vec::new();
+        let mut gone: Vec<NsName> = Vec::new();
+        merge_join(
+            &self.entries,
+            snapshot.services.iter(),
+            (
+                |(id, _): &(&NsName, &CacheEntry)| *id,
+                |(id, _): &(&NsName, &Arc<ServiceSpec>)| *id,
+            ),
+            |(_, e), (_, svc)| Arc::ptr_eq(&e.spec, svc),
+            |old, new| match (old, new) {
+                (Some((_, e)), Some((id, svc))) => {
+                    if e.spec != *svc {
+                        recompute.push((id, svc));
+                    }
+                }
+                (None, Some((id, svc))) => recompute.push((id, svc)),
+                (Some((id, _)), None) => gone.push((*id).clone()),
+                (None, None) => {}
+            },
+        );
+        // Services whose slices changed, looked up one by one (there are few) rather than checked
+        // at every step above.
+        let respec = recompute.len();
+        recompute.extend(
+            dirty
+                .iter()
+                .filter_map(|id| snapshot.services.get_key_value(*id))
+                .filter(|(id, _)| self.entries.contains_key(*id)),
+        );
+        if recompute.len() > respec {
+            recompute.sort_by(|a, b| a.0.cmp(b.0));
+            recompute.dedup_by(|a, b| a.0 == b.0);
         }
-        let mut recomputed = 0;
-        let mut kept = 0;
+        // The slices of the Services to recompute, in the snapshot's order (one walk over them).
+        let wanted: BTreeSet<&NsName> = recompute.iter().map(|(id, _)| *id).collect();
+        let mut by_service: std::collections::HashMap<&NsName, Vec<&Arc<SliceSpec>>> =
+            std::collections::HashMap::with_capacity(wanted.len());
+        if !wanted.is_empty() {
+            for slice in snapshot.slices.values() {
+                if wanted.contains(&slice.service) {
+                    by_service.entry(&slice.service).or_default().push(slice);
+                }
+            }
+        }
+
         // Two Services claiming one frontend (a clash the API server would refuse, possible in a
         // config dir): the map is then rebuilt whole, last Service winning, as before caching.
         let mut clash = false;
-        for (id, svc) in &snapshot.services {
+        let recomputed = recompute.len();
+        for (id, svc) in recompute {
             let slices = by_service.get(id).map(Vec::as_slice).unwrap_or_default();
-            if let Some(e) = self.entries.get(id) {
-                kept += 1;
-                let unchanged = e.spec == *svc
-                    && e.slices.len() == slices.len()
-                    && e.slices.iter().zip(slices).all(|(a, b)| a == *b);
-                if unchanged {
-                    continue;
-                }
-            }
-            recomputed += 1;
+            // Collected into a fresh, exact-size Vec: `into_iter().map().collect()` would reuse the
+            // (much larger) allocation of the built states, slack included, for as long as the
+            // entry lives.
+            let built = service_frontends(svc, slices, node);
+            let mut frontends = Vec::with_capacity(built.len());
+            frontends.extend(built.into_iter().map(|(f, st)| (f, Arc::new(st))));
             let entry = CacheEntry {
                 spec: Arc::clone(svc),
-                slices: slices.iter().map(|s| Arc::clone(s)).collect(),
-                frontends: service_frontends(svc, slices, node)
-                    .into_iter()
-                    .map(|(f, st)| (f, Arc::new(st)))
-                    .collect(),
+                frontends,
             };
             if let Some(old) = self.entries.insert(id.clone(), entry) {
                 clash |= self.forget(&old);
@@ -924,18 +1022,13 @@ impl DesiredCache {
                 }
             }
         }
-        if kept < self.entries.len() {
-            let gone: Vec<NsName> = self
-                .entries
-                .keys()
-                .filter(|id| !snapshot.services.contains_key(*id))
-                .cloned()
-                .collect();
-            for id in gone {
-                if let Some(old) = self.entries.remove(&id) {
-                    clash |= self.forget(&old);
-                }
+        for id in gone {
+            if let Some(old) = self.entries.remove(&id) {
+                clash |= self.forget(&old);
             }
+        }
+        if slices_changed {
+            self.seen_slices = snapshot.slices.values().cloned().collect();
         }
         if clash {
             self.desired.frontends = self

@@ -3,7 +3,11 @@
 //! in full into free chunks of the slot arena, then the frontend entry is switched to it in one map
 //! update, then the old chunks are released (reused only after a quarantine), so no packet ever sees a
 //! half-written table.
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+/// Hash maps keyed by what the reconciler programs: a sync looks up every desired frontend, and
+/// SipHash was most of that walk's cost at 10k Services. foldhash is seeded per process.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 
 use std::net::IpAddr;
@@ -197,7 +201,7 @@ impl<W: MapWriter> Reconciler<W> {
     /// first sync replaces them, backend ids are kept (conntrack entries refer to them), and tables no
     /// frontend references are removed after that sync.
     pub fn adopt(writer: W, adopted: Adopted) -> Self {
-        let mut frontends = HashMap::new();
+        let mut frontends = HashMap::default();
         let mut arena = SlotArena::new(writer.arena_chunks());
         for (key, value) in adopted.services {
             if value.table_size > 0
@@ -244,7 +248,7 @@ impl<W: MapWriter> Reconciler<W> {
             // Every adopted backend is a candidate for deletion once the adopted frontends are rewritten.
             unreferenced: backend_ids.keys().copied().collect(),
             backend_ids,
-            backend_refs: HashMap::new(),
+            backend_refs: HashMap::default(),
             free_backend_ids: Vec::new(),
             next_backend_id: max_backend.saturating_add(1).max(1),
             arena,

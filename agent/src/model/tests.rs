@@ -234,6 +234,111 @@ fn the_cache_recomputes_only_services_whose_inputs_changed() {
     );
 }
 
+/// The cache finds changed slices by walking them in step with the last update's: a slice moved to
+/// another Service (label changed), deleted, added, or replaced by an equal copy, and a Service whose
+/// spec alone changed, each recompute exactly the Services concerned, and the result always equals a
+/// full computation.
+#[test]
+fn the_cache_follows_slices_added_removed_and_moved_between_services() {
+    let node = NodeContext::default();
+    let full = |s: &Snapshot| desired(s.services.values(), s.slices.values(), &node);
+    let mut snapshot = Snapshot::default();
+    let svc_id = |i: u32| NsName {
+        namespace: "shop".into(),
+        name: format!("svc-{i}"),
+    };
+    let slice_of = |i: u32, name: &str| {
+        let sl = slice(
+            &WEB_SLICE
+                .replace("name: web-abc", &format!("name: {name}"))
+                .replace(
+                    "kubernetes.io/service-name: web",
+                    &format!("kubernetes.io/service-name: svc-{i}"),
+                ),
+        );
+        std::sync::Arc::new(SliceSpec::from_k8s(&sl).expect("valid").expect("ours"))
+    };
+    for i in 0..20u32 {
+        let svc = service(
+            &WEB.replace("name: web", &format!("name: svc-{i}"))
+                .replace("10.96.0.10", &format!("10.96.0.{}", 10 + i)),
+        );
+        let spec = ServiceSpec::from_k8s(&svc).expect("valid").expect("ours");
+        snapshot
+            .services
+            .insert(spec.id.clone(), std::sync::Arc::new(spec));
+        let sl = slice_of(i, &format!("svc-{i}-a"));
+        snapshot.slices.insert(sl.id.clone(), sl);
+    }
+    let mut cache = DesiredCache::default();
+    assert_eq!(cache.update(&snapshot, &node).1, 20);
+
+    let mut step = |snapshot: &Snapshot, want: usize, what: &str| {
+        let (d, n) = cache.update(snapshot, &node);
+        assert_eq!(n, want, "{what}: Services recomputed");
+        assert_eq!(d, full(snapshot), "{what}: equals a full computation");
+    };
+    step(&snapshot, 0, "nothing changed");
+
+    // svc-3's slice now belongs to svc-4 (its label changed): both change.
+    let moved = slice_of(4, "svc-3-a");
+    snapshot.slices.insert(moved.id.clone(), moved);
+    step(&snapshot, 2, "slice moved from svc-3 to svc-4");
+
+    // A second slice for svc-7, sorting between others.
+    let extra = slice_of(7, "svc-12-zz");
+    snapshot.slices.insert(extra.id.clone(), extra);
+    step(&snapshot, 1, "slice added to svc-7");
+
+    // svc-10's slice deleted.
+    let gone = NsName {
+        namespace: "shop".into(),
+        name: "svc-10-a".into(),
+    };
+    snapshot.slices.remove(&gone);
+    step(&snapshot, 1, "slice of svc-10 deleted");
+
+    // An equal copy of svc-11's slice (a resync delivers new objects with the same content).
+    let id = NsName {
+        namespace: "shop".into(),
+        name: "svc-11-a".into(),
+    };
+    let copy = std::sync::Arc::new((*snapshot.slices[&id]).clone());
+    snapshot.slices.insert(id, copy);
+    step(&snapshot, 1, "slice of svc-11 replaced by an equal copy");
+
+    // svc-15's spec changes (a port added), its slices not.
+    let svc = service(
+        &WEB.replace("name: web", "name: svc-15")
+            .replace("10.96.0.10", "10.96.0.25")
+            .replace(
+                "  - {name: http, port: 80",
+                "  - {name: extra, port: 81, protocol: TCP, targetPort: 8080}\n  - {name: http, port: 80",
+            ),
+    );
+    let spec = ServiceSpec::from_k8s(&svc).expect("valid").expect("ours");
+    snapshot
+        .services
+        .insert(svc_id(15), std::sync::Arc::new(spec));
+    step(&snapshot, 1, "spec of svc-15 changed");
+
+    // A slice for a Service that does not exist yet, then the Service.
+    let early = slice_of(20, "svc-20-a");
+    snapshot.slices.insert(early.id.clone(), early);
+    step(&snapshot, 0, "slice without its Service");
+    let svc = service(
+        &WEB.replace("name: web", "name: svc-20")
+            .replace("10.96.0.10", "10.96.0.30"),
+    );
+    let spec = ServiceSpec::from_k8s(&svc).expect("valid").expect("ours");
+    snapshot
+        .services
+        .insert(svc_id(20), std::sync::Arc::new(spec));
+    step(&snapshot, 1, "its Service arrives");
+    snapshot.services.remove(&svc_id(0));
+    step(&snapshot, 0, "svc-0 deleted");
+}
+
 #[test]
 fn node_ports_answer_on_every_node_ip_and_external_ips_on_the_service_port() {
     let svc = service(
