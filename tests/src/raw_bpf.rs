@@ -71,6 +71,54 @@ fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// `BPF_PROG_TEST_RUN` flag: XDP frames really go where the program sends them (kernel ≥ 5.18).
+pub const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
+
+/// `union bpf_attr`'s `test` member (`BPF_PROG_TEST_RUN`), shared by the packet rig and the bench.
+#[repr(C)]
+#[derive(Default)]
+pub struct TestRunAttr {
+    pub prog_fd: u32,
+    pub retval: u32,
+    pub data_size_in: u32,
+    pub data_size_out: u32,
+    pub data_in: u64,
+    pub data_out: u64,
+    pub repeat: u32,
+    pub duration: u32,
+    pub ctx_size_in: u32,
+    pub ctx_size_out: u32,
+    pub ctx_in: u64,
+    pub ctx_out: u64,
+    pub flags: u32,
+    pub cpu: u32,
+    pub batch_size: u32,
+    pub _pad: u32,
+}
+
+/// `BPF_PROG_TEST_RUN` with `attr`; the kernel writes the results (retval, duration, sizes) back.
+///
+/// # Safety
+/// Every pointer in `attr` (`data_in`, `data_out`, `ctx_in`, `ctx_out`) must be null or point to a
+/// live buffer of the size given next to it, for the duration of the call.
+pub unsafe fn prog_test_run(attr: &mut TestRunAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a live repr(C) struct laid out as the kernel's `test` member; the caller
+    // vouches for the buffers it points to.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            std::ptr::from_mut(attr).cast::<c_void>(),
+            std::mem::size_of::<TestRunAttr>() as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One `struct bpf_insn`, as the little-endian u64 the kernel reads.
 pub fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
     let [o0, o1] = off.to_le_bytes();

@@ -12,7 +12,6 @@
 //! frontend has an IPv6 twin whose backends are the IPv6 twins of its backends.
 
 use std::collections::BTreeSet;
-use std::ffi::c_void;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd};
@@ -32,6 +31,7 @@ use weir_common::{
 
 use crate::bpffs::Bpffs;
 use crate::netns::{self, NetNs, ip};
+use crate::raw_bpf;
 use crate::yaml::{self, IpFamily, TrafficPolicy};
 
 /// TC verdicts as the programs return them.
@@ -632,30 +632,8 @@ fn find_program(pin_dir: &Path, name: &str) -> anyhow::Result<aya::programs::Pro
         .context("fd of the loaded program")
 }
 
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
 /// Room for any frame the kernel accepts (it refuses more than a page minus skb overhead).
 const OUT_CAPACITY: usize = 8192;
-
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
 
 /// What one `BPF_PROG_TEST_RUN` call reports.
 #[derive(Clone, Copy, Debug)]
@@ -678,12 +656,12 @@ pub fn test_run_raw(
     repeat: u32,
     ctx: Option<&[u32]>,
 ) -> io::Result<TestRun> {
-    let mut attr = TestRunAttr {
+    let mut attr = raw_bpf::TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
         data_size_in: data.len() as u32,
         data_in: data.as_ptr() as u64,
         repeat,
-        ..TestRunAttr::default()
+        ..raw_bpf::TestRunAttr::default()
     };
     if let Some(out) = out {
         attr.data_out = out.as_mut_ptr() as u64;
@@ -693,19 +671,9 @@ pub fn test_run_raw(
         attr.ctx_in = ctx.as_ptr() as u64;
         attr.ctx_size_in = std::mem::size_of_val(ctx) as u32;
     }
-    // SAFETY: `attr` is a live repr(C) struct laid out as the kernel's `test` member of `union bpf_attr`;
-    // the buffers it points to (`data`, `out`, `ctx`) outlive the call and have the sizes given.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            std::ptr::from_mut(&mut attr).cast::<c_void>(),
-            std::mem::size_of::<TestRunAttr>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: the buffers `attr` points to (`data`, `out`, `ctx`) outlive the call and have the sizes
+    // given.
+    unsafe { raw_bpf::prog_test_run(&mut attr) }?;
     Ok(TestRun {
         retval: attr.retval,
         duration_ns: attr.duration,

@@ -189,10 +189,7 @@ pub mod xdp {
 
     const BPF_MAP_CREATE: libc::c_long = 0;
     const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    const BPF_PROG_TEST_RUN: libc::c_long = 10;
     const BPF_MAP_TYPE_PROG_ARRAY: u32 = 3;
-    /// Frames really go where the program sends them (kernel ≥ 5.18).
-    const BPF_F_TEST_XDP_LIVE_FRAMES: u32 = 1 << 1;
 
     pub use weir_tests::raw_bpf::{attach_xdp as attach, insn};
 
@@ -249,27 +246,6 @@ pub mod xdp {
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
     }
 
-    #[repr(C)]
-    #[derive(Default)]
-    struct TestRunAttr {
-        prog_fd: u32,
-        retval: u32,
-        data_size_in: u32,
-        data_size_out: u32,
-        data_in: u64,
-        data_out: u64,
-        repeat: u32,
-        duration: u32,
-        ctx_size_in: u32,
-        ctx_size_out: u32,
-        ctx_in: u64,
-        ctx_out: u64,
-        flags: u32,
-        cpu: u32,
-        batch_size: u32,
-        _pad: u32,
-    }
-
     /// BPF_PROG_TEST_RUN in live-frames mode: `frames` frames built from `data` run through `prog` in
     /// batches of `batch` as if they arrived on `ingress_ifindex` (of the calling thread's network
     /// namespace); what the program transmits or redirects is really sent, what it passes enters the
@@ -288,18 +264,19 @@ pub mod xdp {
         // `struct xdp_md`: data, data_end (must be the frame's length), data_meta, ingress_ifindex,
         // rx_queue_index, egress_ifindex.
         let ctx: [u32; 6] = [0, data.len() as u32, 0, ingress_ifindex, 0, 0];
-        let mut attr = TestRunAttr {
+        let mut attr = raw_bpf::TestRunAttr {
             prog_fd: prog.as_raw_fd() as u32,
             data_size_in: data.len() as u32,
             data_in: data.as_ptr() as u64,
             repeat: frames,
             ctx_size_in: std::mem::size_of_val(&ctx) as u32,
             ctx_in: ctx.as_ptr() as u64,
-            flags: BPF_F_TEST_XDP_LIVE_FRAMES,
+            flags: raw_bpf::BPF_F_TEST_XDP_LIVE_FRAMES,
             batch_size: batch,
-            ..TestRunAttr::default()
+            ..raw_bpf::TestRunAttr::default()
         };
-        bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+        // SAFETY: `data` and `ctx` outlive the call and have the sizes given; no output buffers.
+        unsafe { raw_bpf::prog_test_run(&mut attr) }?;
         Ok(attr.duration)
     }
 }
