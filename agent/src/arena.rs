@@ -177,11 +177,13 @@ mod tests {
         let mut a = SlotArena::new(8);
         assert_eq!(a.alloc(4), Some(0));
         assert_eq!(a.alloc(4), Some(4));
+        // Taken before the release: the quarantine runs from the release's own (later) clock read,
+        // so the wait is at least QUARANTINE measured from here.
+        let before_release = Instant::now();
         a.release(0, 4);
-        let t = Instant::now();
         // Nothing else is free: the allocator waits the quarantine out instead of failing.
         assert_eq!(a.alloc(4), Some(0));
-        assert!(t.elapsed() >= QUARANTINE);
+        assert!(before_release.elapsed() >= QUARANTINE);
         // With room elsewhere, a quarantined run is not handed out.
         let mut b = SlotArena::new(8);
         assert_eq!(b.alloc(4), Some(0));
