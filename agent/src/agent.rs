@@ -579,11 +579,7 @@ fn sync(
         "synced"
     );
     // A sync frees what it parsed and built (YAML trees, Maglev tables), often more than the agent
-    // keeps; glibc holds freed heap for reuse unless told to return it.
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only gives free heap pages back to the kernel; nothing in use is touched.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    // keeps.
+    crate::memory::release_free_memory();
     report.errors > 0
 }

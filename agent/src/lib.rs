@@ -13,6 +13,7 @@ pub mod l7;
 pub mod l7_steering;
 pub mod links;
 pub mod maglev;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod reconcile;

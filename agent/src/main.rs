@@ -4,6 +4,9 @@ use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 use weir_agent::{agent, cli};
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = cli::Args::parse();
     tracing_subscriber::fmt()

@@ -346,9 +346,9 @@ const NOTES: [&str; 5] = [
      pods do. With one set of endpoints shared by all four (tried first), Weir produced 1 s connect \
      timeouts at N = 1,000: its reverse conntrack entry is keyed by (backend address:port, client \
      address:port) without the frontend, so connections from one client port to two Services that pick \
-     the same backend overwrite each other's reverse entry; entries never expire (the LRU evicts only \
-     under pressure), so a client that later reuses the source port gets its SYN-ACK translated to the \
-     other Service's ClusterIP. netfilter avoids this by tracking TCP state and remapping the source \
+     the same backend overwrite each other's reverse entry; entries then lived until the LRU evicted \
+     them (the agent's conntrack collector, added later, expires them by kube-proxy's timeouts), so a \
+     client that later reused the source port got its SYN-ACK translated to the other Service's ClusterIP. netfilter avoids this by tracking TCP state and remapping the source \
      port when reply tuples clash.",
     "Maglev tables live in one preallocated, mmapable array (the slot arena, `--maglev-slots`), written \
      through a mapping of just the table's pages and switched in by one update of the frontend's entry. \
