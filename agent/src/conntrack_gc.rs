@@ -259,8 +259,23 @@ impl Collector {
 
     /// Walks both maps once at `now_s` and deletes the expired flows.
     pub fn pass(&mut self, now_s: u32) -> Result<Pass, GcError> {
-        let a = sweep(&mut self.v4.0, self.v4.1, &self.timeouts, now_s)?;
-        let b = sweep(&mut self.v6.0, self.v6.1, &self.timeouts, now_s)?;
+        let plan = self.plan(now_s);
+        self.apply(plan)
+    }
+
+    /// The walk of [`Self::pass`]: which entries have expired at `now_s`, with the times that judged
+    /// them (and adoption of unstamped entries). Nothing is deleted yet.
+    pub fn plan(&mut self, now_s: u32) -> Plan {
+        Plan {
+            v4: walk(&mut self.v4.0, self.v4.1, &self.timeouts, now_s),
+            v6: walk(&mut self.v6.0, self.v6.1, &self.timeouts, now_s),
+        }
+    }
+
+    /// The deletions of [`Self::pass`]: each planned entry whose flow no packet touched since the walk.
+    pub fn apply(&mut self, plan: Plan) -> Result<Pass, GcError> {
+        let a = delete(&mut self.v4.0, plan.v4)?;
+        let b = delete(&mut self.v6.0, plan.v6)?;
         Ok(Pass {
             scanned: a.scanned + b.scanned,
             deleted: a.deleted + b.deleted,
@@ -268,20 +283,48 @@ impl Collector {
     }
 }
 
-fn sweep<V: Entry>(
+/// The expired entries a walk found, to be deleted by [`Collector::apply`].
+pub struct Plan {
+    v4: Walked<CtKey>,
+    v6: Walked<CtKey6>,
+}
+
+impl Plan {
+    /// Entries planned for deletion.
+    pub fn expired(&self) -> usize {
+        self.v4.doomed.len() + self.v6.doomed.len()
+    }
+}
+
+struct Walked<K> {
+    scanned: u64,
+    doomed: Vec<Doomed<K>>,
+}
+
+/// An expired entry and the stamps it was judged by: its own and its partner's (when it had one).
+struct Doomed<K> {
+    key: K,
+    seen_s: u32,
+    partner: Option<(K, u32)>,
+    reverse: bool,
+}
+
+fn walk<V: Entry>(
     map: &mut HashMap<MapData, V::Key, V>,
     bound: usize,
     timeouts: &Timeouts,
     now_s: u32,
-) -> Result<Pass, GcError> {
-    let mut pass = Pass::default();
+) -> Walked<V::Key> {
+    let mut walked = Walked {
+        scanned: 0,
+        doomed: Vec::new(),
+    };
     // Collected first and deleted after the walk: deleting the walk's current key would restart it
     // from the first key.
-    let mut doomed: Vec<(V::Key, u32)> = Vec::new();
     let mut unstamped: Vec<V::Key> = Vec::new();
     for item in map.iter().take(bound) {
         let Ok((key, value)) = item else { continue };
-        pass.scanned += 1;
+        walked.scanned += 1;
         if value.side().seen_s == 0 {
             // Written by a datapath that did not stamp entries (an older agent's pinned map): its
             // idle time counts from now, rather than from boot, which would expire live flows.
@@ -299,7 +342,12 @@ fn sweep<V: Entry>(
             _ => (Some(value.side()), partner.map(|p| p.side())),
         };
         if timeouts.expired(now_s, V::proto(&key), forward, reverse) {
-            doomed.push((key, value.side().seen_s));
+            walked.doomed.push(Doomed {
+                key,
+                seen_s: value.side().seen_s,
+                partner: partner.map(|p| (partner_key, p.side().seen_s)),
+                reverse: value.kind() == CT_REVERSE,
+            });
         }
     }
     for key in unstamped {
@@ -310,14 +358,39 @@ fn sweep<V: Entry>(
             let _ = map.insert(key, v.stamped(now_s), 0);
         }
     }
-    for (key, seen_s) in doomed {
-        // A packet between the walk and now revived the flow: keep it (its partner, judged with the
-        // same times, is kept by the same check).
-        match map.get(&key, 0) {
-            Ok(v) if v.side().seen_s == seen_s => {}
-            _ => continue,
+    // Reverse entries go first. Deleted second, the reverse entry of a connection that reused the
+    // tuple between the two deletions would be the new connection's, leaving its replies untranslated.
+    walked.doomed.sort_by_key(|d| !d.reverse);
+    walked
+}
+
+fn delete<V: Entry>(
+    map: &mut HashMap<MapData, V::Key, V>,
+    walked: Walked<V::Key>,
+) -> Result<Pass, GcError> {
+    let mut pass = Pass {
+        scanned: walked.scanned,
+        deleted: 0,
+    };
+    for d in walked.doomed {
+        // A packet since the walk revived the flow: keep it. Either side counts: a client reusing the
+        // tuple stamps only the forward entry, and deleting the reverse one under it would leave the
+        // backend's replies untranslated. A partner gone since the walk was deleted just before (or
+        // evicted): nothing to keep.
+        if !map
+            .get(&d.key, 0)
+            .is_ok_and(|v| v.side().seen_s == d.seen_s)
+        {
+            continue;
         }
-        match map.remove(&key) {
+        if let Some((partner, seen_s)) = &d.partner
+            && map
+                .get(partner, 0)
+                .is_ok_and(|p| p.side().seen_s != *seen_s)
+        {
+            continue;
+        }
+        match map.remove(&d.key) {
             Ok(()) => pass.deleted += 1,
             // Evicted or deleted by the reconciler meanwhile.
             Err(MapError::KeyNotFound) => {}

@@ -38,7 +38,7 @@ use weir_common::{
 use crate::{
     hook::Hook,
     maps::{BACKENDS, EXT_IFACES, SERVICES, SOURCE_RANGES},
-    packet::Flow,
+    packet::{Flow, TCP_SYN},
     stats::{count, count_service},
 };
 
@@ -120,10 +120,14 @@ fn ingress(ctx: &TcContext, outside: bool) -> i32 {
         if entry.kind == CT_REVERSE {
             return reply(ctx, &flow, &entry);
         }
-        if entry.kind == CT_FORWARD && backend_still_valid(&entry) {
+        if entry.kind == CT_FORWARD
+            && backend_still_valid(&entry)
+            && !reopened_without_reverse(&flow, &entry)
+        {
             return forward(ctx, &flow, &entry, STAT_FWD_ESTABLISHED);
         }
-        // A forward entry whose backend is gone falls through and is re-balanced like a new flow.
+        // A forward entry whose backend is gone, or a new connection on a tuple whose reverse entry is
+        // gone, falls through and is re-balanced like a new flow.
     }
     // Each path is its own subprogram and rejects are built at this level: the verifier limits the
     // stack of a whole call chain to 512 bytes.
@@ -308,13 +312,12 @@ fn new_flow<C: Hook>(ctx: &C, flow: &Flow, outside: bool, out: &mut ct::Entry) -
     NEW
 }
 
-/// Records a new flow both ways: `forward` for its packets, and the reverse entry its backend's replies
-/// will hit. Out of line: the reverse key and entry, and the map key and value of each insert, would
-/// otherwise sit in the new-flow path's frame (the verifier limits a call chain to 512 bytes).
-#[inline(never)]
-fn track(flow: &Flow, forward: &ct::Entry) {
+/// The reverse entry of a forward one: the key the backend's replies arrive with (from the backend, to
+/// the client or, with SNAT/hairpin, to the peer) and what it rewrites them to.
+#[inline(always)]
+fn reverse_of(flow: &Flow, forward: &ct::Entry) -> (ct::Tuple, ct::Entry) {
     let peer = !ct::is_none(&forward.peer_addr);
-    let reverse_key = ct::Tuple {
+    let key = ct::Tuple {
         saddr: forward.nat_addr,
         daddr: if peer { forward.peer_addr } else { flow.saddr },
         sport_be: forward.nat_port_be,
@@ -329,7 +332,7 @@ fn track(flow: &Flow, forward: &ct::Entry) {
         l4_off: 0,
         tcp_flags: 0,
     };
-    let reverse = ct::Entry {
+    let entry = ct::Entry {
         nat_addr: flow.daddr,
         nat_port_be: flow.dport_be,
         kind: CT_REVERSE,
@@ -337,8 +340,40 @@ fn track(flow: &Flow, forward: &ct::Entry) {
         peer_addr: if peer { flow.saddr } else { [0; 4] },
         peer_port_be: if peer { flow.sport_be } else { 0 },
     };
+    (key, entry)
+}
+
+/// Records a new flow both ways: `forward` for its packets, and the reverse entry its backend's replies
+/// will hit. Out of line: the reverse key and entry, and the map key and value of each insert, would
+/// otherwise sit in the new-flow path's frame (the verifier limits a call chain to 512 bytes).
+#[inline(never)]
+fn track(flow: &Flow, forward: &ct::Entry) {
+    let (reverse_key, reverse) = reverse_of(flow, forward);
     ct::insert(&reverse_key, &reverse);
     ct::insert(flow, forward);
+}
+
+/// A SYN on a tracked tuple opens a new connection on it (or retransmits one) and its replies need the
+/// reverse entry, which can be gone alone: the LRU evicts entries one by one, and the collector may
+/// expire the old connection's pair just as the client reuses the tuple. Such a SYN is balanced and
+/// recorded anew instead of being forwarded into a flow whose replies would go untranslated. Other
+/// packets are not checked (one lookup more per packet); only a SYN can start over.
+#[inline(always)]
+fn reopened_without_reverse(flow: &Flow, forward: &ct::Entry) -> bool {
+    flow.tcp_flags & TCP_SYN != 0 && !reverse_intact(flow, forward)
+}
+
+/// The reverse entry of `forward` exists and still leads back to this flow.
+#[inline(never)]
+fn reverse_intact(flow: &Flow, forward: &ct::Entry) -> bool {
+    let (key, want) = reverse_of(flow, forward);
+    let mut found = ct::Entry::NONE;
+    ct::lookup(&key, &mut found, false)
+        && found.kind == CT_REVERSE
+        && found.nat_addr == want.nat_addr
+        && found.nat_port_be == want.nat_port_be
+        && found.peer_addr == want.peer_addr
+        && found.peer_port_be == want.peer_port_be
 }
 
 /// When the backend is reached through an external interface (it lives on another node), this node's

@@ -24,6 +24,7 @@ use crate::{
     maps::{EXT_IFACES, NEXT_HOPS},
     new_flow,
     packet::{self, ETH_HLEN, Flow, IPV4_MIN_HLEN, IPV6_HLEN},
+    reopened_without_reverse,
     stats::{count, count_service},
     track,
 };
@@ -40,7 +41,10 @@ pub fn ingress(ctx: &XdpContext) -> i32 {
         if entry.kind == CT_REVERSE {
             return translate(ctx, &flow, &entry, STAT_REVERSE_NAT);
         }
-        if entry.kind == CT_FORWARD && backend_still_valid(&entry) {
+        if entry.kind == CT_FORWARD
+            && backend_still_valid(&entry)
+            && !reopened_without_reverse(&flow, &entry)
+        {
             // Without SNAT the backend is on this node: the stack delivers it (TC translates).
             if ct::is_none(&entry.peer_addr) {
                 return pass();
