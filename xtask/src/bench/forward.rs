@@ -248,12 +248,18 @@ fn ret(action: i32) -> [u64; 2] {
     [insn(0xb7, 0, 0, 0, action), insn(0x95, 0, 0, 0, 0)]
 }
 
-/// The frame every run starts from: a SYN from an outside client to the NodePort, checksums valid.
-pub fn template() -> [u8; FRAME_LEN] {
+/// The frame every run of `flows` starts from: from an outside client to the NodePort, checksums
+/// valid; a SYN for new flows, an ACK for established ones (as their traffic is: a SYN on a tracked
+/// tuple is a new connection reusing it, which Weir checks against its reverse entry).
+pub fn template(flows: Flows) -> [u8; FRAME_LEN] {
+    let flags = match flows {
+        Flows::Established => 0x10,
+        Flows::New => 0x02,
+    };
     let mut f = super::packet::tcp_frame(
         SocketAddrV4::new(Ipv4Addr::new(172, 30, 0x80, 0), 40000),
         SocketAddrV4::new(NODE_IP, NODE_PORT),
-        0x02,
+        flags,
     );
     f[0..6].copy_from_slice(&NODE_MAC);
     f[6..12].copy_from_slice(&CLIENT_MAC);
@@ -364,7 +370,7 @@ impl Programs {
         let slot = bpf::prog_array(1).context("creating the generator's program array")?;
         let mut generators = BTreeMap::new();
         for flows in Flows::ALL {
-            let insns = generator(&template(), slot.as_fd(), flows);
+            let insns = generator(&template(flows), slot.as_fd(), flows);
             generators.insert(flows, bpf::load(&insns, "bench_fwd_gen")?);
         }
         Ok(Self {
@@ -639,7 +645,7 @@ impl Bench<'_> {
         let index = self.eth0.get(tag).copied().unwrap_or(0);
         let before = self.lab.delivered(tag)?;
         let c0 = self.weir.counters();
-        let frame = template();
+        let frame = template(flows);
         let generator = self
             .progs
             .generators
@@ -1026,7 +1032,7 @@ pub fn section(md: &mut String, f: &ForwardResults) {
     let _ = writeln!(md, "## 6. NodePort forwarding rate (XDP live frames)\n");
     let _ = writeln!(
         md,
-        "Node 1 of a two-node layout forwards TCP SYNs to its NodePort {NODE_PORT} whose endpoints \
+        "Node 1 of a two-node layout forwards TCP segments to its NodePort {NODE_PORT} whose endpoints \
          ({BACKEND}:{TARGET_PORT} and up) are on node 0: DNAT to the endpoint, SNAT to the node's address \
          {NODE_IP}, out of the interface they came in on. BPF_PROG_TEST_RUN with \
          `BPF_F_TEST_XDP_LIVE_FRAMES` is the generator ({} frames a call, batches of {}, calls repeated \
@@ -1038,9 +1044,10 @@ pub fn section(md: &mut String, f: &ForwardResults) {
          (172.30.64.0–172.30.191.255) and port with valid checksums, and tail-calls the program under \
          test, so every mode pays the same generator. Two kinds of flows, measured one after the other \
          (modes alternating within each): **established**, 16,384 flows (1,024 source ports × 16 \
-         addresses) all tracked after the warm-up round, so every frame is a conntrack hit in Weir and \
-         in netfilter (whose NAT rules are then not walked at all); and **new flows**, a random source \
-         of 2^30 for every frame, so every frame is a new flow for everyone and kube-proxy's rules are \
+         addresses) of ACK segments, all tracked after the warm-up round (Weir and netfilter, with its \
+         default `nf_conntrack_tcp_loose`, pick flows up mid-stream), so every frame is a conntrack hit \
+         in Weir and in netfilter (whose NAT rules are then not walked at all); and **new flows**, SYNs \
+         from a random source of 2^30 for every frame, so every frame is a new flow for everyone and kube-proxy's rules are \
          walked for each, as for every new connection. The NodePort \
          service has {} endpoints, all on node 0: every flow is SNATed to the node's one address, and \
          with one endpoint a flood exhausts that address's source ports towards it within a second \
@@ -1224,7 +1231,7 @@ mod tests {
 
     #[test]
     fn varied_frames_keep_valid_checksums() {
-        let t = template();
+        let t = template(Flows::New);
         let mut seen = std::collections::BTreeSet::new();
         for r in [
             0u32,
@@ -1260,7 +1267,7 @@ mod tests {
     #[test]
     fn generator_is_well_formed() {
         let slot = std::fs::File::open("/dev/null").expect("an fd");
-        let p = generator(&template(), slot.as_fd(), Flows::New);
+        let p = generator(&template(Flows::New), slot.as_fd(), Flows::New);
         // Bounds check jumps forward to the last two instructions.
         let jump = p[5].to_le_bytes();
         assert_eq!(jump[0], 0x2d);
