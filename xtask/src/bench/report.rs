@@ -108,7 +108,7 @@ pub struct Target {
     pub basis: String,
 }
 
-fn judge_max(
+pub(super) fn judge_max(
     name: &str,
     goal: &str,
     value: Option<f64>,
@@ -444,7 +444,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
         margin: String::new(),
         basis: format!("memlock of the agent's maps and Maglev tables, {shape}"),
     });
-    t.push(l7::target(r.l7.as_ref()));
+    t.extend(l7::targets(r.l7.as_ref()));
     t.extend(forward::targets(r.forward.as_ref()));
     t
 }
@@ -1256,7 +1256,7 @@ mod tests {
         let r = Results::default();
         let md = markdown(&r, &[]);
         assert!(md.contains("## Targets"));
-        assert_eq!(targets(&r).len(), 17);
+        assert_eq!(targets(&r).len(), 20);
         assert!(targets(&r).iter().all(|t| t.met.is_none()));
     }
 }
