@@ -194,6 +194,14 @@ fn smoke_run_covers_every_experiment() {
         "Weir / empty XDP_TX: {fwd:#}"
     );
 
-    assert_eq!(json["targets"].as_array().map(Vec::len), Some(17));
+    let targets = json["targets"].as_array().expect("targets");
+    assert_eq!(targets.len(), 20);
+    // The L7 run gives each of the L7 targets a verdict.
+    for t in targets
+        .iter()
+        .filter(|t| t["name"].as_str().is_some_and(|n| n.starts_with("L7 ")))
+    {
+        assert!(t["met"].is_boolean(), "{t:#}");
+    }
     let _ = std::fs::remove_dir_all(&out);
 }
