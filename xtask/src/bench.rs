@@ -355,9 +355,9 @@ const NOTES: [&str; 5] = [
      Earlier runs kept each table in its own inner map of a hash-of-maps, and the kernel makes every \
      userspace insert or delete in a map-in-map wait for an RCU grace period (8–20 ms here): 10k \
      services took 169 s to program and a change at least two grace periods. The arena removed both.",
-    "Request p99s on this shared VM come in two levels from round to round, about 6 µs or about \
-     22 µs, in every mode alike (see the min–max spreads): a p99 compared between N values measured \
-     minutes apart compares the background load as much as the proxy. The Weir/baseline ratios, \
+    "Request p99s on this shared VM move from round to round in every mode alike (see the min–max \
+     spreads; on one machine they came in two levels, about 6 µs or about 22 µs): a p99 compared \
+     between N values measured minutes apart compares the background load as much as the proxy. The Weir/baseline ratios, \
      paired within the same rounds, are the better guide, and the per-packet figures show Weir's \
      conntrack hit flat from 1 to 100k services.",
     "Single-shot times are whole nanoseconds from a clock that advanced in 10 ns steps here, so their \
