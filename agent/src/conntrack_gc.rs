@@ -43,17 +43,22 @@ pub struct Timeouts {
     pub udp_stream: u32,
 }
 
+impl Timeouts {
+    /// kube-proxy's and the kernel's defaults.
+    pub const KUBE_PROXY: Self = Self {
+        tcp_syn: 120,
+        tcp_established: 86_400,
+        tcp_close_wait: 3_600,
+        tcp_time_wait: 120,
+        tcp_close: 10,
+        udp: 30,
+        udp_stream: 120,
+    };
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
-        Self {
-            tcp_syn: 120,
-            tcp_established: 86_400,
-            tcp_close_wait: 3_600,
-            tcp_time_wait: 120,
-            tcp_close: 10,
-            udp: 30,
-            udp_stream: 120,
-        }
+        Self::KUBE_PROXY
     }
 }
 
@@ -423,15 +428,7 @@ pub fn run(mut collector: Collector, interval: Duration, report: impl Fn(Pass, D
 mod tests {
     use super::*;
 
-    const T: Timeouts = Timeouts {
-        tcp_syn: 120,
-        tcp_established: 86_400,
-        tcp_close_wait: 3_600,
-        tcp_time_wait: 120,
-        tcp_close: 10,
-        udp: 30,
-        udp_stream: 120,
-    };
+    const T: Timeouts = Timeouts::KUBE_PROXY;
 
     fn side(flags: u8) -> Option<Side> {
         Some(Side {

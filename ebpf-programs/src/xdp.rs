@@ -41,15 +41,15 @@ pub fn ingress(ctx: &XdpContext) -> i32 {
         if entry.kind == CT_REVERSE {
             return translate(ctx, &flow, &entry, STAT_REVERSE_NAT);
         }
-        if entry.kind == CT_FORWARD
-            && backend_still_valid(&entry)
-            && !reopened_without_reverse(&flow, &entry)
-        {
-            // Without SNAT the backend is on this node: the stack delivers it (TC translates).
+        if entry.kind == CT_FORWARD && backend_still_valid(&entry) {
+            // Without SNAT the backend is on this node: the stack delivers it (TC translates, and
+            // checks a SYN's reverse entry itself).
             if ct::is_none(&entry.peer_addr) {
                 return pass();
             }
-            return translate(ctx, &flow, &entry, STAT_FWD_ESTABLISHED);
+            if !reopened_without_reverse(&flow, &entry) {
+                return translate(ctx, &flow, &entry, STAT_FWD_ESTABLISHED);
+            }
         }
     }
     match new_flow(ctx, &flow, true, &mut entry) {

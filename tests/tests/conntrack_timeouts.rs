@@ -382,15 +382,7 @@ fn unstamped_entries_are_adopted_not_expired() {
     rig::with_rig(|rig| {
         let established = [(true, SYN), (false, SYN | ACK), (true, ACK)];
         let (c, vip, backend) = tcp_flow(rig, 1, &established);
-        let open = || {
-            let data = aya::maps::MapData::from_pin(rig.pin_dir().join(weir_common::MAP_CONNTRACK))
-                .expect("pinned WEIR_CT");
-            aya::maps::HashMap::<_, weir_common::CtKey, weir_common::CtValue>::try_from(
-                aya::maps::Map::LruHashMap(data),
-            )
-            .expect("WEIR_CT as a hash map")
-        };
-        let mut ct = open();
+        let mut ct = v4_conntrack(rig);
         let keys: Vec<weir_common::CtKey> = ct.keys().map(|k| k.expect("key")).collect();
         assert_eq!(keys.len(), 2, "one flow, two entries");
         for k in &keys {
@@ -430,14 +422,18 @@ fn unstamped_entries_are_adopted_not_expired() {
     });
 }
 
-/// Moves the stamps of every IPv4 conntrack entry `by_s` seconds into the past.
-fn age_v4_entries(rig: &Rig, by_s: u32) {
+/// The rig's pinned IPv4 conntrack map, opened for reading and rewriting entries.
+fn v4_conntrack(
+    rig: &Rig,
+) -> aya::maps::HashMap<aya::maps::MapData, weir_common::CtKey, weir_common::CtValue> {
     let data = aya::maps::MapData::from_pin(rig.pin_dir().join(weir_common::MAP_CONNTRACK))
         .expect("pinned WEIR_CT");
-    let mut ct = aya::maps::HashMap::<_, weir_common::CtKey, weir_common::CtValue>::try_from(
-        aya::maps::Map::LruHashMap(data),
-    )
-    .expect("WEIR_CT as a hash map");
+    aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("WEIR_CT as a hash map")
+}
+
+/// Moves the stamps of every IPv4 conntrack entry `by_s` seconds into the past.
+fn age_v4_entries(rig: &Rig, by_s: u32) {
+    let mut ct = v4_conntrack(rig);
     let keys: Vec<weir_common::CtKey> = ct.keys().map(|k| k.expect("key")).collect();
     for k in &keys {
         let v = ct.get(k, 0).expect("entry");
